@@ -6,8 +6,15 @@ overrides the defaults, and `key=value` pairs on the command line override the f
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import os
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
 @dataclass
@@ -127,3 +134,154 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading, validation and saving
+
+DTYPES = ("float32", "bfloat16")  # supported model.dtype values
+PLACEMENTS = ("collocated",)  # implemented cluster.placement modes
+TEMPLATES = ("chat", "plain")  # prompt templates (m2flow.data.templates)
+
+
+class ConfigError(ValueError):
+    """A config file, override or combination of values is invalid."""
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides (later wins); validated."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        cfg = _merge(cfg, _load_yaml(path), f"in {path}")
+    for override in overrides or []:
+        key, eq, _ = override.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"malformed override {override!r}: expected key=value, e.g. train.lr=1e-4")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([override]), f"in override {override!r}")
+    try:
+        out = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # e.g. an interpolation that does not resolve
+        raise ConfigError(f"cannot resolve config key '{e.full_key}': {_reason(e)}") from e
+    validate(out)
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express; raises ConfigError naming the keys."""
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    a, r, t = cfg.algorithm, cfg.rollout, cfg.train
+    check(a.advantage != "grpo" or r.n >= 2,
+          f"rollout.n must be >= 2 when algorithm.advantage is 'grpo' (a group needs several samples), got {r.n}")
+    check(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}")
+    check(0 <= r.top_p <= 1, f"rollout.top_p must be in [0, 1], got {r.top_p}")
+    positive = {"train.steps": t.steps, "train.prompts_per_step": t.prompts_per_step,
+                "train.micro_batch_size": t.micro_batch_size, "rollout.max_new_tokens": r.max_new_tokens,
+                "eval.max_new_tokens": cfg.eval.max_new_tokens}
+    for key, value in positive.items():
+        check(value > 0, f"{key} must be positive, got {value}")
+    for name in ("clip_ratio_low", "clip_ratio_high"):
+        value = getattr(a, name)
+        check(value >= 0, f"algorithm.{name} must be >= 0, got {value}")
+    for key, value, valid in [("model.dtype", cfg.model.dtype, DTYPES),
+                              ("cluster.placement", cfg.cluster.placement, PLACEMENTS),
+                              ("data.template", cfg.data.template, TEMPLATES)]:
+        check(value in valid, f"{key} must be one of {', '.join(valid)}; got {value!r}")
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the fully resolved config as YAML, atomically (loadable again with load_config)."""
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The config as plain nested dicts (for logging and metrics sinks)."""
+    return dataclasses.asdict(cfg)
+
+
+def _load_yaml(path: str) -> DictConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends
+        raise ConfigError(f"cannot parse config file {path}: {e}") from e
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def _merge(cfg: DictConfig, src: DictConfig, where: str) -> DictConfig:
+    """OmegaConf.merge, with its errors re-raised as ConfigError in our words."""
+    try:
+        return OmegaConf.merge(cfg, src)
+    except ConfigKeyError as e:
+        raise ConfigError(_unknown_key_message(e.full_key, where)) from e
+    except ValidationError as e:
+        key = e.full_key or _find_section_mismatch(src, Config)
+        if not key:
+            raise ConfigError(f"invalid config ({where}): {_reason(e)}") from e
+        expected = _type_name(_field_type(key))
+        given = OmegaConf.select(src, key, throw_on_resolution_failure=False)
+        if isinstance(given, DictConfig):
+            given = OmegaConf.to_container(given)
+        raise ConfigError(f"config key '{key}' expects {expected}, got {given!r} ({where})") from e
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config ({where}): {_reason(e)}") from e
+
+
+def _reason(e: OmegaConfBaseException) -> str:
+    return str(e).splitlines()[0]  # OmegaConf appends full_key/object_type lines; we name the key ourselves
+
+
+def _unknown_key_message(full_key: str, where: str) -> str:
+    parent, _, name = full_key.rpartition(".")
+    valid = [f.name for f in dataclasses.fields(_field_type(parent) if parent else Config)]
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    prefix = f"{parent}." if parent else ""
+    hint = f"; did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ";"
+    return (f"unknown config key '{full_key}'{hint} valid keys under '{parent or '<root>'}': "
+            f"{', '.join(valid)} ({where})")
+
+
+def _field_type(dotted: str) -> typing.Any:
+    """The annotated type of a dotted key, e.g. 'train.lr' -> float, 'train' -> TrainConfig."""
+    tp: typing.Any = Config
+    for part in dotted.split("."):
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def _type_name(tp: typing.Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return f"a section ({tp.__name__}) of keys, not a single value"
+    args = typing.get_args(tp)
+    if type(None) in args:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _find_section_mismatch(src: DictConfig, cls: type, prefix: str = "") -> str | None:
+    """Dotted key in `src` that gives a plain value where `cls` expects a section (OmegaConf omits it)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in src.items_ex(resolve=False):
+        tp = hints.get(key)
+        if not dataclasses.is_dataclass(tp):
+            continue
+        if not isinstance(value, DictConfig):
+            return f"{prefix}{key}"
+        if found := _find_section_mismatch(value, tp, f"{prefix}{key}."):
+            return found
+    return None

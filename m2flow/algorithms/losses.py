@@ -1,0 +1,86 @@
+"""Policy losses, and log-prob / entropy helpers over logits.
+
+Signature (``POLICY_LOSSES``)::
+
+    fn(logprobs [B, T], old_logprobs [B, T], advantages [B, T], response_mask [B, T], **options)
+        -> (loss: scalar tensor with grad, metrics: dict[str, float])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .aggregation import aggregate_loss
+from .kl import kl_k3
+from .registry import POLICY_LOSSES
+from .utils import masked_mean
+
+LOG_RATIO_CLAMP = 20.0  # keeps exp(logprobs - old_logprobs) finite
+
+
+@POLICY_LOSSES.register("ppo_clip")
+def ppo_clip_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+    loss_agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate: per token ``max(-A * r, -A * clip(r, 1 - low, 1 + high))`` with
+    ``r = exp(logprobs - old_logprobs)`` (log-ratio clamped to +-20), reduced with ``aggregate_loss``.
+    Gradients flow through ``logprobs`` only.
+
+    Metrics (floats, over valid tokens): ``clip_frac``, the fraction where the clipped branch is strictly
+    larger (clipping changed the loss, so the token gets no gradient); ``approx_kl``, the k3 estimate of
+    KL(old || new) = mean(r - 1 - log r), unbiased since the tokens were sampled from the old policy;
+    ``ratio_mean``.
+    """
+    log_ratio = (logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.detach()
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * ratio.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
+    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    loss = aggregate_loss(loss_mat, response_mask, loss_agg)
+    with torch.no_grad():
+        metrics = {
+            "clip_frac": masked_mean((loss_clipped > loss_unclipped).float(), response_mask).item(),
+            "approx_kl": masked_mean(kl_k3(old_logprobs, logprobs), response_mask).item(),
+            "ratio_mean": masked_mean(ratio, response_mask).item(),
+        }
+    return loss, metrics
+
+
+def _rowwise(fn, logits: torch.Tensor, *rest: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """Apply ``fn(logits_rows [N, V] float32, *rest_rows [N]) -> [N]`` over chunks of the flattened leading
+    dims, so the float32 copy and softmax temporaries never exceed ``chunk_rows x V``."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    rest = [r.reshape(-1) for r in rest]
+    outs = [
+        fn(flat[i : i + chunk_rows].float(), *(r[i : i + chunk_rows] for r in rest))
+        for i in range(0, flat.shape[0], chunk_rows)
+    ]
+    out = torch.cat(outs) if outs else flat.new_zeros(0, dtype=torch.float32)
+    return out.reshape(logits.shape[:-1])
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
+    """log softmax(logits)[token]: logits [B, T, V], tokens [B, T] int -> [B, T] float32. Gathers the
+    token logit and subtracts logsumexp, never materialising the full log-softmax."""
+
+    def fn(rows: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
+        return rows.gather(-1, toks.long().unsqueeze(-1)).squeeze(-1) - rows.logsumexp(-1)
+
+    return _rowwise(fn, logits, tokens, chunk_rows=chunk_rows)
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
+    """Entropy of softmax(logits): logits [B, T, V] -> [B, T] float32, as logsumexp(l) - sum(softmax(l) * l)."""
+
+    def fn(rows: torch.Tensor) -> torch.Tensor:
+        return rows.logsumexp(-1) - (torch.softmax(rows, -1) * rows).sum(-1)
+
+    return _rowwise(fn, logits, chunk_rows=chunk_rows)

@@ -1,0 +1,60 @@
+"""The tensors that flow between stages of one RL iteration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+
+from m2flow.rollout.types import Sample
+
+
+@dataclass
+class RolloutBatch:
+    """B sequences laid out as [left-padded prompt (P) | right-padded response (T)]."""
+
+    input_ids: torch.Tensor  # [B, P+T]
+    attention_mask: torch.Tensor  # [B, P+T]
+    response_mask: torch.Tensor  # [B, T] 1 on generated tokens
+    rollout_logprobs: torch.Tensor  # [B, T] behaviour logprobs reported by the rollout engine
+    group_ids: torch.Tensor  # [B] index of the prompt each sample answers
+    scores: Optional[torch.Tensor] = None  # [B] rewards
+    advantages: Optional[torch.Tensor] = None  # [B] or [B, T]
+    old_logprobs: Optional[torch.Tensor] = None  # [B, T] trainer logprobs before the update
+    ref_logprobs: Optional[torch.Tensor] = None  # [B, T] reference model logprobs
+
+    @property
+    def prompt_width(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @classmethod
+    def from_samples(cls, samples: list[Sample], pad_token_id: int) -> "RolloutBatch":
+        P = max(len(s.prompt_ids) for s in samples)
+        T = max(max(len(s.token_ids) for s in samples), 1)
+        B = len(samples)
+        input_ids = torch.full((B, P + T), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, P + T), dtype=torch.long)
+        response_mask = torch.zeros((B, T), dtype=torch.float32)
+        rollout_logprobs = torch.zeros((B, T), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            p, t = len(s.prompt_ids), len(s.token_ids)
+            input_ids[i, P - p : P] = torch.tensor(s.prompt_ids)
+            input_ids[i, P : P + t] = torch.tensor(s.token_ids, dtype=torch.long)
+            attention_mask[i, P - p : P + t] = 1
+            response_mask[i, :t] = 1
+            rollout_logprobs[i, :t] = torch.tensor(s.logprobs)
+        group_ids = torch.tensor([s.prompt_index for s in samples], dtype=torch.long)
+        return cls(input_ids, attention_mask, response_mask, rollout_logprobs, group_ids)
+
+    def select(self, index: torch.Tensor | slice) -> "RolloutBatch":
+        """The rows `index` of every tensor field."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: (v[index] if v is not None else None) for k, v in values.items()})
+
+    def split(self, size: int) -> list["RolloutBatch"]:
+        """Consecutive micro-batches of at most `size` sequences."""
+        return [self.select(slice(i, i + size)) for i in range(0, len(self), size)]

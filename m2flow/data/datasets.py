@@ -1,0 +1,114 @@
+"""Problem files: one math problem per row of a `.jsonl` or `.parquet` file.
+
+Every malformed row is reported with its place (`file:line` for jsonl, `file row N` for parquet, both
+1-based) and the reason, so a bad dataset fails at load time rather than mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+SUFFIXES = (".jsonl", ".parquet")
+
+
+@dataclass
+class Problem:
+    question: str  # the problem text shown to the model (before templating)
+    answer: str  # ground-truth final answer, as a string
+    solution: str | None = None  # a worked solution, when known
+    meta: dict = field(default_factory=dict)  # the row's other fields (id, source, difficulty, ...)
+
+
+class DataError(ValueError):
+    """A dataset file is missing, unsupported or has a malformed row."""
+
+
+def load_problems(path: str, prompt_key: str = "question", answer_key: str = "answer",
+                  solution_key: str | None = None) -> list[Problem]:
+    """Read problems from `path`; the row's other fields go to `Problem.meta`."""
+    path = os.fspath(path)
+    if not path.endswith(SUFFIXES):
+        raise DataError(f"unsupported dataset file {path}: expected one of {', '.join(SUFFIXES)}")
+    if not os.path.isfile(path):
+        raise DataError(f"dataset file not found: {path}")
+    rows = _jsonl_rows(path) if path.endswith(".jsonl") else _parquet_rows(path)
+    return [_to_problem(row, where, prompt_key, answer_key, solution_key) for where, row in rows]
+
+
+def save_problems(problems: Iterable[Problem], path: str) -> None:
+    """Write problems as jsonl (atomically), readable with `load_problems(path, solution_key="solution")`."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for p in problems:
+                row = {**p.meta, "question": p.question, "answer": p.answer}
+                if p.solution is not None:
+                    row["solution"] = p.solution
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"cannot read parquet file {path}: {e}") from e
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield f"{path} row {i}", row
+
+
+def _to_problem(row: Any, where: str, prompt_key: str, answer_key: str, solution_key: str | None) -> Problem:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
+    for key in (prompt_key, answer_key):
+        if key not in row:
+            raise DataError(f"{where}: missing field '{key}' (row has: {', '.join(map(str, row)) or 'no fields'})")
+    question = row[prompt_key]
+    if not isinstance(question, str):
+        raise DataError(f"{where}: field '{prompt_key}' must be a string, got {type(question).__name__}")
+    if not question.strip():
+        raise DataError(f"{where}: empty question in field '{prompt_key}'")
+    answer = _answer_str(row[answer_key], where, answer_key)
+    solution = row.get(solution_key) if solution_key else None
+    if solution is not None and not isinstance(solution, str):
+        raise DataError(f"{where}: field '{solution_key}' must be a string, got {type(solution).__name__}")
+    meta = {k: v for k, v in row.items() if k not in (prompt_key, answer_key, solution_key)}
+    return Problem(question=question, answer=answer, solution=solution, meta=meta)
+
+
+def _answer_str(value: Any, where: str, key: str) -> str:
+    """Answers are strings; numbers are accepted (12.0 -> '12')."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: field '{key}' must be a string or number, got {type(value).__name__}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise DataError(f"{where}: field '{key}' is not a finite number: {value}")
+        if value.is_integer():
+            value = int(value)
+    answer = str(value)
+    if not answer.strip():
+        raise DataError(f"{where}: empty answer in field '{key}'")
+    return answer

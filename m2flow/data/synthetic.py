@@ -1,0 +1,113 @@
+"""Synthetic math problems with worked solutions, graded by difficulty, deterministic by seed.
+
+Kinds (the difficulty is the number of arithmetic steps):
+- arithmetic with 2, 3 or 4 operands (+, -, and multiplication by a one-digit number);
+- short word problems (buy / give away / boxes of items), one or two steps.
+
+Every problem has a worked solution written one step per line and ending in `\\boxed{answer}`, the
+format the reward extracts. Intermediate results never go below zero.
+`make_splits` returns disjoint splits (no question text appears in two of them).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from m2flow.data.datasets import Problem
+
+NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Max", "Nia"]
+ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps", "cards", "eggs", "marbles", "cups"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    max_operand: int = 50  # operands of + and - are drawn from 1..max_operand
+    max_multiplier: int = 9  # multiplications are by 2..max_multiplier
+    weights: tuple[float, float, float, float] = (0.25, 0.35, 0.15, 0.25)  # 2-op, 3-op, 4-op, word problems
+
+
+def _steps_text(steps: list[tuple[int, str, int, int]], answer: int) -> str:
+    lines = [f"{a}{op}{b}={r}" for a, op, b, r in steps]
+    return "\n".join(lines) + f"\n\\boxed{{{answer}}}"
+
+
+def _arithmetic(rng: random.Random, spec: TaskSpec, n_operands: int) -> Problem:
+    value = rng.randint(1, spec.max_operand)
+    expr, steps = str(value), []
+    for _ in range(n_operands - 1):
+        op = rng.choices("+-*", weights=(0.45, 0.4, 0.15))[0]
+        if op == "*" and value > 20:
+            op = "-"
+        if op == "-" and value < 2:
+            op = "+"
+        if op == "+":
+            b = rng.randint(1, spec.max_operand)
+            result = value + b
+        elif op == "-":
+            b = rng.randint(1, min(value, spec.max_operand))
+            result = value - b
+        else:
+            b = rng.randint(2, spec.max_multiplier)
+            result = value * b
+        if op == "*" and expr != str(value):
+            expr = f"({expr})"
+        expr += f"{op}{b}"
+        steps.append((value, op, b, result))
+        value = result
+    question = f"Compute {expr}."
+    return Problem(question, str(value), _steps_text(steps, value), {"kind": f"arith{n_operands}", "steps": len(steps)})
+
+
+def _word(rng: random.Random, spec: TaskSpec) -> Problem:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, spec.max_operand), rng.randint(1, spec.max_operand)
+    form = rng.randrange(4)
+    if form == 0:
+        q = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?"
+        steps = [(a, "+", b, a + b)]
+    elif form == 1:
+        b = rng.randint(1, a)
+        q = f"{name} has {a} {item} and gives {b} away. How many {item} are left?"
+        steps = [(a, "-", b, a - b)]
+    elif form == 2:
+        c = rng.randint(1, a + b)
+        q = f"{name} has {a} {item}, finds {b} more, then loses {c}. How many {item} does {name} have?"
+        steps = [(a, "+", b, a + b), (a + b, "-", c, a + b - c)]
+    else:
+        k = rng.randint(2, spec.max_multiplier)
+        n = rng.randint(2, 12)
+        q = f"{name} buys {k} boxes of {n} {item} and already had {a}. How many {item} in all?"
+        steps = [(k, "*", n, k * n), (k * n, "+", a, k * n + a)]
+    answer = steps[-1][3]
+    return Problem(q, str(answer), _steps_text(steps, answer), {"kind": "word", "steps": len(steps)})
+
+
+def make_problem(rng: random.Random, spec: TaskSpec = TaskSpec()) -> Problem:
+    kind = rng.choices(range(4), weights=spec.weights)[0]
+    return _word(rng, spec) if kind == 3 else _arithmetic(rng, spec, kind + 2)
+
+
+def make_splits(sizes: dict[str, int], seed: int, spec: TaskSpec = TaskSpec()) -> dict[str, list[Problem]]:
+    """Disjoint splits of unique problems, e.g. `make_splits({"eval": 500, "sft": 2000, "rl": 50000}, seed=7)`.
+
+    Splits are filled in the order given, from one stream of unique problems, so the problems of a split
+    depend only on the seed and on the sizes of the splits before it.
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    splits: dict[str, list[Problem]] = {}
+    for name, size in sizes.items():
+        out: list[Problem] = []
+        tries = 0
+        while len(out) < size:
+            problem = make_problem(rng, spec)
+            tries += 1
+            if tries > 50 * size + 1000:
+                raise ValueError(f"cannot draw {size} unique problems for split '{name}': the task space is too small")
+            if problem.question in seen:
+                continue
+            seen.add(problem.question)
+            out.append(problem)
+        splits[name] = out
+    return splits

@@ -1,0 +1,91 @@
+"""The reference rollout backend: transformers `generate` with a KV cache.
+
+Prompts are left-padded into batches; logprobs of the sampled tokens are recomputed from the raw logits
+that `generate` returns, scaled by the temperature (see `Sample`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from m2flow.rollout.types import Sample, SamplingParams
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer, batch_size: int = 512):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.policy_version = 0
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], policy_version: int) -> None:
+        """In-place weight update by parameter name (tied weights may appear once)."""
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"weight update does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.policy_version = policy_version
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Sample]:
+        """Samples `params.n` responses per prompt; returns them prompt-major (all of prompt 0 first)."""
+        tok = self.tokenizer
+        stops = sorted({tok.eos_token_id, *params.stop_token_ids})
+        prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        requests = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(params.n)]
+        generator_seed = params.seed
+        samples: list[Sample] = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            if generator_seed is not None:
+                torch.manual_seed(generator_seed + start)
+            samples += self._generate_batch(chunk, params, stops)
+        return samples
+
+    def _generate_batch(self, chunk, params: SamplingParams, stops: list[int]) -> list[Sample]:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(ids) for _, ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, (_, ids) in enumerate(chunk):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        greedy = params.temperature == 0
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=None if greedy else (params.top_k or 0),
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=pad,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new_tokens = out.sequences[:, width:]  # [B, T]
+        logits = torch.stack(out.logits, dim=1).float()  # [B, T, V] raw logits
+        if not greedy:
+            logits = logits / params.temperature
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        samples = []
+        for row, (prompt_index, ids) in enumerate(chunk):
+            tokens = new_tokens[row].tolist()
+            finish = "length"
+            for t, token in enumerate(tokens):
+                if token in stops:
+                    tokens, finish = tokens[: t + 1], "stop"
+                    break
+            samples.append(
+                Sample(
+                    prompt_index=prompt_index,
+                    prompt_ids=list(ids),
+                    token_ids=tokens,
+                    logprobs=logprobs[row, : len(tokens)].tolist(),
+                    finish_reason=finish,
+                    text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    policy_version=self.policy_version,
+                )
+            )
+        return samples

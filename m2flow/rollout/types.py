@@ -1,0 +1,35 @@
+"""What every rollout engine takes and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling threshold (1.0 = off)
+    top_k: int = 0  # top-k sampling (0 = off)
+    max_new_tokens: int = 64  # response length cap
+    stop_token_ids: list[int] = field(default_factory=list)  # generation stops after any of these (EOS is added)
+    seed: int | None = None  # same seed, same prompts -> same samples
+
+
+@dataclass
+class Sample:
+    """One generated response.
+
+    `logprobs[i]` is the log-probability of `token_ids[i]` under the distribution the trainer optimises:
+    the model's softmax after temperature scaling and before top-p / top-k truncation (raw logits when
+    greedy). `finish_reason` is "stop" (a stop token was generated, and is the last of `token_ids`) or
+    "length" (max_new_tokens reached).
+    """
+
+    prompt_index: int  # index of the prompt in the `generate` call
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str = ""  # decoded response (special tokens dropped)
+    policy_version: int = 0  # weight version that generated it
