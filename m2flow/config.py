@@ -142,6 +142,7 @@ class Config:
 DTYPES = ("float32", "bfloat16")  # supported model.dtype values
 PLACEMENTS = ("collocated",)  # implemented cluster.placement modes
 TEMPLATES = ("chat", "plain")  # prompt templates (m2flow.data.templates)
+ROLLOUT_BACKENDS = ("hf",)  # implemented rollout engines
 
 
 class ConfigError(ValueError):
@@ -180,7 +181,8 @@ def validate(cfg: Config) -> None:
     check(0 <= r.top_p <= 1, f"rollout.top_p must be in [0, 1], got {r.top_p}")
     positive = {"train.steps": t.steps, "train.prompts_per_step": t.prompts_per_step,
                 "train.micro_batch_size": t.micro_batch_size, "rollout.max_new_tokens": r.max_new_tokens,
-                "eval.max_new_tokens": cfg.eval.max_new_tokens}
+                "eval.max_new_tokens": cfg.eval.max_new_tokens, "train.mini_batches": t.mini_batches,
+                "train.epochs": t.epochs, "rollout.batch_size": r.batch_size, "eval.batch_size": cfg.eval.batch_size}
     for key, value in positive.items():
         check(value > 0, f"{key} must be positive, got {value}")
     for name in ("clip_ratio_low", "clip_ratio_high"):
@@ -189,6 +191,16 @@ def validate(cfg: Config) -> None:
     for key, value, valid in [("model.dtype", cfg.model.dtype, DTYPES),
                               ("cluster.placement", cfg.cluster.placement, PLACEMENTS),
                               ("data.template", cfg.data.template, TEMPLATES)]:
+        check(value in valid, f"{key} must be one of {', '.join(valid)}; got {value!r}")
+    from m2flow.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+    from m2flow.rewards import REWARDS
+
+    for key, value, valid in [("algorithm.advantage", a.advantage, ADVANTAGE_ESTIMATORS.names()),
+                              ("algorithm.policy_loss", a.policy_loss, POLICY_LOSSES.names()),
+                              ("algorithm.loss_agg", a.loss_agg, LOSS_AGGREGATIONS.names()),
+                              ("algorithm.kl_estimator", a.kl_estimator, KL_ESTIMATORS.names()),
+                              ("reward.name", cfg.reward.name, sorted(REWARDS)),
+                              ("rollout.backend", r.backend, ROLLOUT_BACKENDS)]:
         check(value in valid, f"{key} must be one of {', '.join(valid)}; got {value!r}")
 
 
@@ -285,3 +297,33 @@ def _find_section_mismatch(src: DictConfig, cls: type, prefix: str = "") -> str 
         if found := _find_section_mismatch(value, tp, f"{prefix}{key}."):
             return found
     return None
+
+
+def options_markdown() -> str:
+    """Every option as a markdown table (key, type, default, doc), read from the dataclasses' source
+    comments; `python -m m2flow.config` prints it (docs/configuration.md is generated this way)."""
+    import inspect
+
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls, prefix: str) -> None:
+        docs = {}
+        for line in inspect.getsource(cls).splitlines():
+            name, sep, rest = line.strip().partition(":")
+            if sep and "#" in rest and name.isidentifier():
+                docs[name] = rest.split("#", 1)[1].strip()
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+                continue
+            type_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            lines.append(f"| `{prefix}{f.name}` | {type_name} | `{f.default!r}` | {docs.get(f.name, '')} |")
+
+    walk(Config, "")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(options_markdown(), end="")

@@ -25,6 +25,13 @@ class TaskSpec:
     max_operand: int = 50  # operands of + and - are drawn from 1..max_operand
     max_multiplier: int = 9  # multiplications are by 2..max_multiplier
     weights: tuple[float, float, float, float] = (0.25, 0.35, 0.15, 0.25)  # 2-op, 3-op, 4-op, word problems
+    direct_fraction: float = 0.0  # share of solutions that state only the final answer, with no worked steps
+
+    def __post_init__(self) -> None:
+        if self.max_operand < 2 or self.max_multiplier < 2:
+            raise ValueError(f"TaskSpec needs max_operand >= 2 and max_multiplier >= 2, got {self}")
+        if len(self.weights) != 4 or min(self.weights) < 0 or sum(self.weights) <= 0:
+            raise ValueError(f"TaskSpec.weights must be 4 non-negative numbers with a positive sum, got {self.weights}")
 
 
 def _steps_text(steps: list[tuple[int, str, int, int]], answer: int) -> str:
@@ -85,7 +92,12 @@ def _word(rng: random.Random, spec: TaskSpec) -> Problem:
 
 def make_problem(rng: random.Random, spec: TaskSpec = TaskSpec()) -> Problem:
     kind = rng.choices(range(4), weights=spec.weights)[0]
-    return _word(rng, spec) if kind == 3 else _arithmetic(rng, spec, kind + 2)
+    problem = _word(rng, spec) if kind == 3 else _arithmetic(rng, spec, kind + 2)
+    direct = rng.random() < spec.direct_fraction
+    if direct:
+        problem.solution = f"\\boxed{{{problem.answer}}}"
+    problem.meta["solution_style"] = "direct" if direct else "worked"
+    return problem
 
 
 def make_splits(sizes: dict[str, int], seed: int, spec: TaskSpec = TaskSpec()) -> dict[str, list[Problem]]:

@@ -1,0 +1,3 @@
+from m2flow.eval.evaluate import EvalResult, evaluate
+
+__all__ = ["EvalResult", "evaluate"]

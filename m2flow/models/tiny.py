@@ -31,6 +31,7 @@ def tiny_qwen2_config(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         bos_token_id=None,
+        architectures=["Qwen2ForCausalLM"],
     )
 
 

@@ -63,13 +63,18 @@ def sft_train(
     )
     model.train()
     order: list[int] = []
+    batches: list[list[int]] = []
     losses = []
     bar = tqdm(range(1, steps + 1), desc="sft warm start", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        if len(order) < batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
-        batch = [examples[i] for i in order[:batch_size]]
-        del order[:batch_size]
+        if not batches:  # 8 batches at a time, grouped by length so that little padding is computed
+            while len(order) < 8 * batch_size:
+                order += rng.sample(range(len(examples)), len(examples))
+            pool = sorted(order[: 8 * batch_size], key=lambda i: len(examples[i][0]))
+            del order[: 8 * batch_size]
+            batches = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
+            rng.shuffle(batches)
+        batch = [examples[i] for i in batches.pop()]
         loss = sft_loss(model, *collate(batch, tokenizer.pad_token_id))
         opt.zero_grad(set_to_none=True)
         loss.backward()

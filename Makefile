@@ -1,0 +1,31 @@
+# Two commands for a newcomer (see README.md): `make demo` and `make test`. Both set everything up first
+# (a .venv in the repo) and are idempotent: a second run reuses the venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.m2flow-installed
+
+.PHONY: setup demo test test-slow clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@# CPU machines: install the CPU build of torch first (a plain `torch` pulls a multi-GB CUDA build).
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	RAY_AUTH_MODE=disabled $(BIN)/m2flow demo
+
+test: setup
+	RAY_AUTH_MODE=disabled $(BIN)/pytest -q
+
+test-slow: setup
+	RAY_AUTH_MODE=disabled $(BIN)/pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs .cache

@@ -1,0 +1,51 @@
+"""Held-out accuracy: greedy (or sampled) generation, answers checked by the reward function."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from m2flow.data.datasets import Problem
+from m2flow.rewards import math_reward
+from m2flow.rollout.types import Sample, SamplingParams
+
+
+@dataclass
+class EvalResult:
+    accuracy: float  # mean correctness over all samples (avg@n; greedy: accuracy)
+    pass_at_n: float  # fraction of problems with at least one correct sample
+    num_problems: int
+    by_kind: dict[str, float] = field(default_factory=dict)  # accuracy per problem kind (meta["kind"])
+    examples: list[dict] = field(default_factory=list)  # a few (question, response, answer, correct)
+
+
+def evaluate(
+    generate: Callable[[list[str], SamplingParams], list[Sample]],
+    problems: list[Problem],
+    prompts: list[str],
+    params: SamplingParams,
+    reward_fn: Callable[[str, str], float] = math_reward,
+    num_examples: int = 4,
+) -> EvalResult:
+    """`generate(prompts, params)` returns params.n samples per prompt, prompt-major."""
+    samples = generate(prompts, params)
+    correct = [reward_fn(s.text, problems[s.prompt_index].answer) >= 1.0 for s in samples]
+    per_problem: dict[int, list[bool]] = defaultdict(list)
+    for s, ok in zip(samples, correct):
+        per_problem[s.prompt_index].append(ok)
+    kinds: dict[str, list[bool]] = defaultdict(list)
+    for i, oks in per_problem.items():
+        kinds[problems[i].meta.get("kind", "all")].extend(oks)
+    examples = [
+        {"question": problems[s.prompt_index].question, "response": s.text,
+         "answer": problems[s.prompt_index].answer, "correct": ok}
+        for s, ok in list(zip(samples, correct))[:num_examples]
+    ]
+    return EvalResult(
+        accuracy=sum(correct) / max(len(correct), 1),
+        pass_at_n=sum(any(v) for v in per_problem.values()) / max(len(per_problem), 1),
+        num_problems=len(problems),
+        by_kind={k: sum(v) / len(v) for k, v in sorted(kinds.items())},
+        examples=examples,
+    )

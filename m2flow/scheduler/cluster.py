@@ -1,0 +1,39 @@
+"""Ray: start it locally or join a cluster, and place worker groups.
+
+Placement `collocated` puts every worker group on the same devices: stages run in turn and each worker
+uses all of the node's cores while it runs (on CPU: torch threads = the node's CPUs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from m2flow.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+def start_ray(cfg: ClusterConfig) -> dict:
+    """`ray.init` locally (address None) or against `cfg.address`; returns the cluster's resources."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not ray.is_initialized():
+        kwargs = dict(address=cfg.address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        if cfg.address is None:
+            kwargs["num_cpus"] = cfg.num_cpus or os.cpu_count()
+        ray.init(**kwargs)
+    resources = ray.cluster_resources()
+    log.info("ray cluster resources: %s", resources)
+    return resources
+
+
+def launch(cls, *args, name: str, threads: int, **kwargs):
+    """One Ray actor of `cls`, collocated: it reserves no CPU slot (all groups share the node) and sets
+    its torch threads to `threads`."""
+    remote = ray.remote(num_cpus=0)(cls)
+    return remote.options(name=name, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}}).remote(
+        *args, threads=threads, **kwargs
+    )

@@ -1,0 +1,73 @@
+"""Worker shells run as Ray actors: each holds a model and calls pure code (engine, trainer)."""
+
+from __future__ import annotations
+
+import torch
+
+from m2flow.batch import RolloutBatch
+from m2flow.config import Config
+from m2flow.rollout import HFEngine, Sample, SamplingParams
+from m2flow.training.actor import Actor
+from m2flow.training.checkpoint import load_hf_model, save_hf_checkpoint
+
+
+def _setup(threads: int, seed: int) -> None:
+    torch.set_num_threads(max(threads, 1))
+    torch.manual_seed(seed)
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, cfg: Config, threads: int = 1):
+        _setup(threads, cfg.seed)
+        model, tokenizer = load_hf_model(model_path, cfg.model.dtype)
+        if cfg.rollout.backend != "hf":
+            raise ValueError(f"unknown rollout.backend {cfg.rollout.backend!r}; valid: hf")
+        self.engine = HFEngine(model, tokenizer, batch_size=cfg.rollout.batch_size)
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Sample]:
+        return self.engine.generate(prompts, params)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], policy_version: int) -> None:
+        self.engine.load_weights(state_dict, policy_version)
+
+
+class ActorWorker:
+    def __init__(self, model_path: str, cfg: Config, threads: int = 1):
+        _setup(threads, cfg.seed)
+        model, self.tokenizer = load_hf_model(model_path, cfg.model.dtype)
+        self.actor = Actor(model, cfg.train, cfg.algorithm, temperature=cfg.rollout.temperature)
+
+    def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        return self.actor.compute_logprobs(batch)
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        return self.actor.update(batch)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.actor.state_dict()
+
+    def save_checkpoint(self, path: str) -> str:
+        return save_hf_checkpoint(path, self.actor.hf_config, self.actor.state_dict(), self.tokenizer)
+
+
+class ReferenceWorker:
+    """The frozen starting policy, for the KL term (created only when algorithm.kl_coef > 0)."""
+
+    def __init__(self, model_path: str, cfg: Config, threads: int = 1):
+        _setup(threads, cfg.seed)
+        from m2flow.training.forward import response_logits, token_logprobs
+
+        model, _ = load_hf_model(model_path, cfg.model.dtype)
+        self.model = model.eval().requires_grad_(False)
+        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        self.micro_batch_size = cfg.train.micro_batch_size
+        self._logits, self._logprobs = response_logits, token_logprobs
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        out = [
+            self._logprobs(self._logits(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1]),
+                           mb.input_ids[:, mb.prompt_width :], self.temperature)
+            for mb in batch.split(self.micro_batch_size)
+        ]
+        return torch.cat(out) * batch.response_mask

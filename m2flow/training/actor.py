@@ -1,0 +1,140 @@
+"""The trainer: holds the policy (FSDP2-sharded over the trainer's process group), computes logprobs and
+applies the policy-gradient update. A thin shell over pure functions from `m2flow.algorithms`."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from m2flow.algorithms import KL_ESTIMATORS, POLICY_LOSSES, broadcast_to_tokens, entropy_from_logits, masked_mean
+from m2flow.batch import RolloutBatch
+from m2flow.config import AlgorithmConfig, TrainConfig
+from m2flow.training.forward import response_logits, token_logprobs
+
+
+def init_single_process_group() -> None:
+    """A one-rank gloo process group, so FSDP2 runs the same code path as on many ranks."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def apply_fsdp(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: shard each decoder layer, then the root (torchtitan style)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    init_single_process_group()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights on CPU, keyed by the HF parameter names."""
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.clone() for k, v in sd.items()}  # one rank: the gathered tensors can alias the parameters
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+class Actor:
+    def __init__(self, model, train: TrainConfig, algorithm: AlgorithmConfig, temperature: float = 1.0):
+        self.train_cfg, self.algo = train, algorithm
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.hf_config = model.config
+        self.model = apply_fsdp(model) if train.fsdp else model
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=train.lr, betas=(0.9, 0.99), weight_decay=train.weight_decay
+        )
+        warmup = max(train.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        self.policy_loss = POLICY_LOSSES.get(algorithm.policy_loss)
+        self.kl = KL_ESTIMATORS.get(algorithm.kl_estimator) if algorithm.kl_coef > 0 else None
+
+    def _logits(self, mb: RolloutBatch) -> torch.Tensor:
+        return response_logits(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1])
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """Logprobs of the response tokens under the current weights: [B, T]."""
+        self.model.eval()
+        out = []
+        for mb in batch.split(self.train_cfg.micro_batch_size):
+            out.append(token_logprobs(self._logits(mb), mb.input_ids[:, mb.prompt_width :], self.temperature))
+        return torch.cat(out) * batch.response_mask
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        """`epochs` passes over the batch in `mini_batches` optimizer steps, each accumulated over
+        micro-batches; every micro-batch's loss is weighted by its share of the mini-batch's tokens."""
+        cfg = self.train_cfg
+        self.model.train()
+        sums: dict[str, float] = {}
+        n_updates = 0
+        generator = torch.Generator().manual_seed(int(batch.group_ids.sum()))
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(batch), generator=generator)
+            for mini in batch.select(order).split(-(-len(batch) // cfg.mini_batches)):
+                self.optimizer.zero_grad(set_to_none=True)
+                for mb in mini.split(cfg.micro_batch_size):
+                    loss, metrics = self._micro_batch_loss(mb)
+                    share = self._share(mb, mini)
+                    (loss * share).backward()
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v * share
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+                self.optimizer.step()
+                self.scheduler.step()
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+                n_updates += 1
+        out = {f"actor/{k}": v / n_updates for k, v in sums.items()}
+        out["actor/lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _share(self, mb: RolloutBatch, mini: RolloutBatch) -> float:
+        """The micro-batch's weight in its mini-batch's loss, so that accumulating micro-batch losses gives
+        exactly the mini-batch loss: its share of valid tokens (token-mean) or of non-empty sequences."""
+        if self.algo.loss_agg == "token-mean":
+            return float(mb.response_mask.sum() / mini.response_mask.sum().clamp(min=1))
+        count = lambda b: float((b.response_mask.sum(1) > 0).sum())  # noqa: E731
+        return count(mb) / max(count(mini), 1.0)
+
+    def _micro_batch_loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        algo = self.algo
+        logits = self._logits(mb)
+        logprobs = token_logprobs(logits, mb.input_ids[:, mb.prompt_width :], self.temperature)
+        mask = mb.response_mask
+        advantages = broadcast_to_tokens(mb.advantages, mask)
+        loss, metrics = self.policy_loss(
+            logprobs, mb.old_logprobs, advantages, mask,
+            clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, loss_agg=algo.loss_agg,
+        )
+        entropy = entropy_from_logits(logits.detach() if algo.entropy_coef == 0 else logits)
+        entropy_mean = masked_mean(entropy, mask)
+        metrics = {f"pg_{k}" if not k.startswith("pg") else k: v for k, v in metrics.items()}
+        metrics["pg_loss"] = float(loss.detach())
+        metrics["entropy"] = float(entropy_mean)
+        if algo.entropy_coef:
+            loss = loss - algo.entropy_coef * entropy_mean
+        if self.kl is not None:
+            kl = masked_mean(self.kl(logprobs, mb.ref_logprobs), mask)
+            loss = loss + algo.kl_coef * kl
+            metrics["kl"] = float(kl)
+        return loss, metrics
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return full_state_dict(self.model)

@@ -1,0 +1,47 @@
+"""HF-format checkpoints: safetensors weights + config.json + tokenizer, loadable by plain `transformers`.
+
+Writes go to a temporary directory that is renamed into place, so a checkpoint directory is either
+complete or absent: a crash while saving never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+
+def save_hf_checkpoint(path: str, hf_config, state_dict: dict[str, torch.Tensor], tokenizer=None) -> str:
+    """Saves `state_dict` (full, unsharded) with `hf_config` and `tokenizer` as an HF model directory."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    if getattr(hf_config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)  # tied to the embedding; transformers re-ties on load
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    hf_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    old = path.rstrip("/") + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_hf_model(path: str, dtype: str = "float32"):
+    """(model, tokenizer) from an HF model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"not an HF model directory (no config.json): {path}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer

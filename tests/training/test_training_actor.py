@@ -1,0 +1,183 @@
+"""Actor: logprobs, one GRPO update, FSDP2 == plain, gradient accumulation == one big micro-batch."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from m2flow.algorithms import grpo_advantages
+from m2flow.batch import RolloutBatch
+from m2flow.config import AlgorithmConfig, TrainConfig
+from m2flow.rollout import HFEngine, SamplingParams
+from m2flow.training.actor import Actor
+from m2flow.training.forward import response_logits, token_logprobs
+
+LR = 1e-3  # Adam moves every weight by about lr on the first step: large against the 1e-5 tolerances
+
+
+@pytest.fixture(scope="module")
+def base_model(make_micro_model):
+    return make_micro_model(0)
+
+
+@pytest.fixture(scope="module")
+def rollout(base_model, tokenizer, chat_prompts):
+    """12 samples (3 prompts x 4), ragged prompts and responses, with scores and GRPO advantages."""
+    engine = HFEngine(copy.deepcopy(base_model), tokenizer)
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=10, seed=1, stop_token_ids=list(range(100, 130)))
+    samples = engine.generate(chat_prompts(3), params)
+    batch = RolloutBatch.from_samples(samples, tokenizer.pad_token_id)
+    assert len({len(s.token_ids) for s in samples}) > 1  # ragged responses: token weighting matters
+    batch.scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    batch.advantages = grpo_advantages(batch.scores, batch.group_ids)
+    assert (batch.advantages != 0).all()
+    return batch
+
+
+def _actor(model, **train) -> Actor:
+    train = {"fsdp": False, "lr": LR, **train}
+    return Actor(model, TrainConfig(**train), AlgorithmConfig())
+
+
+def _prepared(actor: Actor, batch: RolloutBatch) -> RolloutBatch:
+    batch = copy.deepcopy(batch)
+    batch.old_logprobs = actor.compute_logprobs(batch)
+    return batch
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _grads(actor: Actor) -> dict[str, torch.Tensor]:
+    """The last optimizer step's (clipped) gradients, unsharded."""
+    out = {}
+    for name, p in actor.model.named_parameters():
+        g = p.grad
+        out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    return out
+
+
+def test_compute_logprobs_matches_forward_helpers(base_model, rollout):
+    model = copy.deepcopy(base_model)
+    actor = _actor(model, micro_batch_size=5)  # several micro-batches, last one partial
+    got = actor.compute_logprobs(rollout)
+    assert got.shape == rollout.response_mask.shape
+    with torch.no_grad():
+        logits = response_logits(model, rollout.input_ids, rollout.attention_mask, rollout.response_mask.shape[1])
+        want = token_logprobs(logits, rollout.input_ids[:, rollout.prompt_width :])
+    mask = rollout.response_mask.bool()
+    torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=0)
+    assert (got[~mask] == 0).all()
+    # and with the behaviour logprobs of the engine (same weights, temperature 1)
+    torch.testing.assert_close(got[mask], rollout.rollout_logprobs[mask], atol=1e-4, rtol=0)
+
+
+def test_compute_logprobs_uses_temperature(base_model, rollout):
+    plain = _actor(copy.deepcopy(base_model)).compute_logprobs(rollout)
+    actor = Actor(copy.deepcopy(base_model), TrainConfig(fsdp=False), AlgorithmConfig(), temperature=0.5)
+    scaled = actor.compute_logprobs(rollout)
+    with torch.no_grad():
+        logits = response_logits(base_model, rollout.input_ids, rollout.attention_mask, rollout.response_mask.shape[1])
+        want = token_logprobs(logits, rollout.input_ids[:, rollout.prompt_width :], 0.5)
+    mask = rollout.response_mask.bool()
+    torch.testing.assert_close(scaled[mask], want[mask], atol=1e-5, rtol=0)
+    assert (scaled[mask] - plain[mask]).abs().max() > 1e-3
+
+
+def test_update_returns_finite_metrics_and_changes_weights(base_model, rollout):
+    actor = _actor(copy.deepcopy(base_model))
+    batch = _prepared(actor, rollout)
+    before = actor.state_dict()
+    metrics = actor.update(batch)
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/lr"):
+        assert key in metrics, key
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["actor/grad_norm"] > 0
+    assert metrics["actor/entropy"] > 0
+    assert metrics["actor/lr"] == pytest.approx(LR)
+    # old_logprobs == current logprobs: ratio 1, nothing clipped, loss = -(token-mean advantage)
+    assert metrics["actor/pg_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["actor/pg_clip_frac"] == 0.0
+    mask = batch.response_mask
+    expected_loss = -(batch.advantages[:, None] * mask).sum() / mask.sum()
+    assert metrics["actor/pg_loss"] == pytest.approx(float(expected_loss), abs=1e-5)
+    after = actor.state_dict()
+    assert _max_diff(before, after) > LR / 2
+    # the update raises the likelihood of positive-advantage samples relative to negative ones
+    new = actor.compute_logprobs(batch)
+    gain = ((new - batch.old_logprobs) * mask).sum(-1) / mask.sum(-1)
+    assert gain[batch.advantages > 0].mean() > gain[batch.advantages < 0].mean()
+
+
+def test_zero_advantages_leave_weights_unchanged(base_model, rollout):
+    actor = _actor(copy.deepcopy(base_model))
+    batch = _prepared(actor, rollout)
+    batch.advantages = torch.zeros(len(batch))
+    before = actor.state_dict()
+    metrics = actor.update(batch)
+    assert metrics["actor/grad_norm"] == 0.0
+    assert metrics["actor/pg_loss"] == 0.0
+    after = actor.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 5])
+def test_gradient_accumulation_matches_one_micro_batch(base_model, rollout, micro_batch_size):
+    big = _actor(copy.deepcopy(base_model), micro_batch_size=len(rollout))
+    small = _actor(copy.deepcopy(base_model), micro_batch_size=micro_batch_size)
+    mb_big, mb_small = big.update(_prepared(big, rollout)), small.update(_prepared(small, rollout))
+    assert _max_diff(_grads(big), _grads(small)) < 1e-6
+    assert _max_diff(big.state_dict(), small.state_dict()) < 1e-5
+    for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm"):
+        assert mb_big[key] == pytest.approx(mb_small[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "seq-mean-token-sum"])
+def test_gradient_accumulation_sequence_mean_aggregations(base_model, rollout, loss_agg):
+    def run(mbs):
+        actor = Actor(copy.deepcopy(base_model), TrainConfig(fsdp=False, lr=LR, micro_batch_size=mbs),
+                      AlgorithmConfig(loss_agg=loss_agg))
+        actor.update(_prepared(actor, rollout))
+        return _grads(actor)
+
+    assert _max_diff(run(len(rollout)), run(5)) < 1e-6
+
+
+def test_mini_batches_and_epochs_take_several_steps(base_model, rollout):
+    actor = _actor(copy.deepcopy(base_model), mini_batches=2, epochs=2, micro_batch_size=4)
+    metrics = actor.update(_prepared(actor, rollout))
+    assert actor.optimizer.state[next(iter(actor.model.parameters()))]["step"] == 4
+    assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_fsdp_matches_plain_update(base_model, rollout):
+    created = not dist.is_initialized()  # Actor(fsdp=True) starts a one-rank gloo group if there is none
+    try:
+        sharded = _actor(copy.deepcopy(base_model), fsdp=True, micro_batch_size=5)
+        assert dist.is_initialized() and dist.get_world_size() == 1
+        plain = _actor(copy.deepcopy(base_model), fsdp=False, micro_batch_size=5)
+        batch_s, batch_p = _prepared(sharded, rollout), _prepared(plain, rollout)
+        torch.testing.assert_close(batch_s.old_logprobs, batch_p.old_logprobs, atol=1e-6, rtol=0)
+        # clone: on one rank the gathered full state dict aliases the live parameters (the plain path copies)
+        start = {k: v.clone() for k, v in sharded.state_dict().items()}
+        assert _max_diff(start, base_model.state_dict()) == 0.0  # full_state_dict gathers the shards
+        m_s, m_p = sharded.update(batch_s), plain.update(batch_p)
+        for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy"):
+            assert m_s[key] == pytest.approx(m_p[key], abs=1e-5), key
+        assert _max_diff(_grads(sharded), _grads(plain)) < 1e-6
+        after_s, after_p = sharded.state_dict(), plain.state_dict()
+        assert all(not hasattr(v, "full_tensor") for v in after_s.values())  # plain tensors, HF names
+        assert set(after_s) == set(base_model.state_dict())
+        assert _max_diff(after_s, after_p) < 1e-5
+        assert _max_diff(after_s, start) > LR / 2
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+    assert dist.is_initialized() != created  # no process group leaks into later tests
