@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from m2flow.config import ConfigError, load_config
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=20")
         p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     args = parser.parse_args(argv)
+    for key, value in {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
+                       "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "disabled"}.items():
+        os.environ.setdefault(key, value)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)

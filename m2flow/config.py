@@ -82,6 +82,7 @@ class AlgorithmConfig:
     kl_coef: float = 0.0  # weight of KL(actor || reference) in the loss; 0 = no reference model
     kl_estimator: str = "k3"  # KL estimator (registry name)
     entropy_coef: float = 0.0  # entropy bonus weight
+    filter_groups: bool = True  # drop groups whose rewards are all equal (zero advantage) before the update
 
 
 @dataclass
@@ -301,7 +302,7 @@ def _find_section_mismatch(src: DictConfig, cls: type, prefix: str = "") -> str 
 
 def options_markdown() -> str:
     """Every option as a markdown table (key, type, default, doc), read from the dataclasses' source
-    comments; `python -m m2flow.config` prints it (docs/configuration.md is generated this way)."""
+    comments. `python -m m2flow.config > docs/configuration.md` regenerates the docs page."""
     import inspect
 
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
@@ -325,5 +326,23 @@ def options_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+CONFIG_DOC_INTRO = """# Configuration
+
+Every option, its type, its default and what it does. The defaults are the embedded demo experiment
+(`m2flow demo`). A YAML file (`--config`) overrides them, and `key=value` pairs on the command line override
+the file. An unknown key is an error that names the nearest valid key; a value of the wrong type names the
+key and the expected type; impossible combinations (e.g. GRPO with `rollout.n=1`) are rejected before
+anything starts. The fully resolved config is written to `<run_dir>/config.yaml`.
+
+This page is generated from `m2flow/config.py` by `python -m m2flow.config > docs/configuration.md` (a test keeps it in sync).
+
+"""
+
+
+def configuration_doc() -> str:
+    """The text of docs/configuration.md."""
+    return CONFIG_DOC_INTRO + options_markdown()
+
+
 if __name__ == "__main__":
-    print(options_markdown(), end="")
+    print(configuration_doc(), end="")

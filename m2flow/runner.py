@@ -1,6 +1,10 @@
 """The macro flow. One RL iteration reads top to bottom:
 
-    rollout -> logprobs -> reward -> advantage -> update -> weight sync
+    rollout -> reward -> advantage -> logprobs -> update -> weight sync
+
+(Reward and advantage come before the logprob pass because they are cheap and tell which groups carry a
+gradient: with `algorithm.filter_groups`, groups whose samples all got the same reward are dropped before the
+trainer spends compute on them.)
 
 Everything else here is set-up (data, base model, workers) and bookkeeping (metrics, checkpoints, summary).
 """
@@ -107,7 +111,17 @@ def run(cfg: Config, progress: bool = True) -> dict:
                                                   cfg.data.template, cfg.eval.max_new_tokens, progress)
 
     # Workers: rollout engine, trainer and (only with a KL term) the frozen reference, collocated.
+    started_ray = not ray.is_initialized()
     resources = start_ray(cfg.cluster)
+    try:
+        return _train(cfg, run_dir, model_path, base_info, task, resources, progress, t_start)
+    finally:  # a crashed worker surfaces as its exception here; the last checkpoint was written atomically
+        if started_ray:
+            ray.shutdown()
+
+
+def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Task, resources: dict,
+           progress: bool, t_start: float) -> dict:
     threads = int(cfg.cluster.num_cpus or resources.get("CPU", 1))
     rollout = launch(RolloutWorker, model_path, cfg, name=f"rollout-{os.getpid()}", threads=threads)
     actor = launch(ActorWorker, model_path, cfg, name=f"actor-{os.getpid()}", threads=threads)
@@ -117,6 +131,8 @@ def run(cfg: Config, progress: bool = True) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     reward_fn = get_reward(cfg.reward.name)
+    score = lambda text, truth: reward_fn(  # noqa: E731
+        text, truth, format_penalty=cfg.reward.format_penalty, timeout_s=cfg.reward.timeout_s)
     advantage_fn = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage)
     prompts = [format_prompt(p.question, tokenizer, cfg.data.template) for p in task.train]
     held_out = task.held_out[: cfg.eval.num_problems]
@@ -145,26 +161,27 @@ def run(cfg: Config, progress: bool = True) -> dict:
             with timer(times, "rollout"):
                 samples = ray.get(rollout.generate.remote([prompts[i] for i in ids], step_params))
                 batch = RolloutBatch.from_samples(samples, tokenizer.pad_token_id)
-            with timer(times, "logprobs"):
-                old_ref = actor.compute_logprobs.remote(batch)
-                ref_ref = reference.compute_logprobs.remote(batch) if reference else None
-                batch.old_logprobs = ray.get(old_ref)
-                batch.ref_logprobs = ray.get(ref_ref) if ref_ref else None
             with timer(times, "reward"):
                 truths = [task.train[ids[s.prompt_index]].answer for s in samples]
-                batch.scores = torch.tensor(
-                    [reward_fn(s.text, t, format_penalty=cfg.reward.format_penalty, timeout_s=cfg.reward.timeout_s)
-                     if cfg.reward.name == "math" else reward_fn(s.text, t) for s, t in zip(samples, truths)],
-                    dtype=torch.float32)
+                batch.scores = torch.tensor([score(s.text, t) for s, t in zip(samples, truths)])
             with timer(times, "advantage"):
                 batch.advantages = advantage_fn(batch.scores, batch.group_ids,
                                                 norm_by_std=cfg.algorithm.norm_adv_by_std)
-            with timer(times, "update"):
-                train_metrics = ray.get(actor.update.remote(batch))
-            with timer(times, "weight_sync"):
-                ray.get(rollout.load_weights.remote(actor.state_dict.remote(), step))
+                informative = _informative_rows(batch) if cfg.algorithm.filter_groups else None
+            train_batch = batch.select(informative) if informative is not None else batch
+            train_metrics = {}
+            if len(train_batch):
+                with timer(times, "logprobs"):
+                    old_ref = actor.compute_logprobs.remote(train_batch)
+                    ref_ref = reference.compute_logprobs.remote(train_batch) if reference else None
+                    train_batch.old_logprobs = ray.get(old_ref)
+                    train_batch.ref_logprobs = ray.get(ref_ref) if ref_ref else None
+                with timer(times, "update"):
+                    train_metrics = ray.get(actor.update.remote(train_batch))
+                with timer(times, "weight_sync"):
+                    ray.get(rollout.load_weights.remote(actor.state_dict.remote(), step))
 
-        metrics = {**_batch_metrics(batch, samples), **train_metrics, **times}
+        metrics = {**_batch_metrics(batch, train_batch, samples), **train_metrics, **times}
         totals["samples"] += len(samples)
         totals["tokens"] += int(batch.response_mask.sum())
         totals["seconds"] += times["time/step"]
@@ -209,17 +226,29 @@ def run(cfg: Config, progress: bool = True) -> dict:
     return summary
 
 
-def _batch_metrics(batch: RolloutBatch, samples) -> dict[str, float]:
+def _informative_rows(batch: RolloutBatch) -> torch.Tensor:
+    """Rows whose group's rewards differ: the others have zero advantage and no policy gradient."""
+    groups = batch.group_ids.tolist()
+    rewards: dict[int, set[float]] = {}
+    for g, r in zip(groups, batch.scores.tolist()):
+        rewards.setdefault(g, set()).add(r)
+    return torch.tensor([i for i, g in enumerate(groups) if len(rewards[g]) > 1], dtype=torch.long)
+
+
+def _batch_metrics(batch: RolloutBatch, train_batch: RolloutBatch, samples) -> dict[str, float]:
     mask = batch.response_mask
     lengths = mask.sum(1)
-    mismatch = ((batch.rollout_logprobs - batch.old_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
-    return {
+    out = {"batch/informative_frac": len(train_batch) / len(batch)}
+    if train_batch.old_logprobs is not None:  # rollout engine vs trainer on the same weights
+        m = train_batch.response_mask
+        diff = (train_batch.rollout_logprobs - train_batch.old_logprobs).abs() * m
+        out["rollout/logprob_abs_diff"] = float(diff.sum() / m.sum().clamp(min=1))
+    return out | {
         "reward/mean": float(batch.scores.mean()),
         "reward/accuracy": float((batch.scores >= 1).float().mean()),
         "response/length_mean": float(lengths.mean()),
         "response/length_max": float(lengths.max()),
         "response/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
-        "rollout/logprob_abs_diff": float(mismatch),  # rollout engine vs trainer, same weights
     }
 
 

@@ -71,20 +71,20 @@ def _word(rng: random.Random, spec: TaskSpec) -> Problem:
     a, b = rng.randint(2, spec.max_operand), rng.randint(1, spec.max_operand)
     form = rng.randrange(4)
     if form == 0:
-        q = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?"
+        q = f"{name} has {a} {item} and buys {b} more. How many now?"
         steps = [(a, "+", b, a + b)]
     elif form == 1:
         b = rng.randint(1, a)
-        q = f"{name} has {a} {item} and gives {b} away. How many {item} are left?"
+        q = f"{name} has {a} {item} and gives {b} away. How many are left?"
         steps = [(a, "-", b, a - b)]
     elif form == 2:
         c = rng.randint(1, a + b)
-        q = f"{name} has {a} {item}, finds {b} more, then loses {c}. How many {item} does {name} have?"
+        q = f"{name} has {a} {item}, finds {b} more, then loses {c}. How many now?"
         steps = [(a, "+", b, a + b), (a + b, "-", c, a + b - c)]
     else:
         k = rng.randint(2, spec.max_multiplier)
         n = rng.randint(2, 12)
-        q = f"{name} buys {k} boxes of {n} {item} and already had {a}. How many {item} in all?"
+        q = f"{name} buys {k} boxes of {n} {item} and had {a}. How many in all?"
         steps = [(k, "*", n, k * n), (k * n, "+", a, k * n + a)]
     answer = steps[-1][3]
     return Problem(q, str(answer), _steps_text(steps, answer), {"kind": "word", "steps": len(steps)})
@@ -100,11 +100,14 @@ def make_problem(rng: random.Random, spec: TaskSpec = TaskSpec()) -> Problem:
     return problem
 
 
-def make_splits(sizes: dict[str, int], seed: int, spec: TaskSpec = TaskSpec()) -> dict[str, list[Problem]]:
+def make_splits(
+    sizes: dict[str, int], seed: int, spec: TaskSpec = TaskSpec(), split_specs: dict[str, TaskSpec] | None = None
+) -> dict[str, list[Problem]]:
     """Disjoint splits of unique problems, e.g. `make_splits({"eval": 500, "sft": 2000, "rl": 50000}, seed=7)`.
 
     Splits are filled in the order given, from one stream of unique problems, so the problems of a split
-    depend only on the seed and on the sizes of the splits before it.
+    depend only on the seed and on the sizes (and specs) of the splits before it. `split_specs` gives some
+    splits their own task mix (e.g. worked solutions only for the easier kinds).
     """
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -112,8 +115,9 @@ def make_splits(sizes: dict[str, int], seed: int, spec: TaskSpec = TaskSpec()) -
     for name, size in sizes.items():
         out: list[Problem] = []
         tries = 0
+        split_spec = (split_specs or {}).get(name, spec)
         while len(out) < size:
-            problem = make_problem(rng, spec)
+            problem = make_problem(rng, split_spec)
             tries += 1
             if tries > 50 * size + 1000:
                 raise ValueError(f"cannot draw {size} unique problems for split '{name}': the task space is too small")

@@ -141,7 +141,7 @@ def math_reward(response: str, ground_truth: str, *, format_penalty: float = 0.0
         return 0.0
 
 
-def boxed_format_reward(response: str, ground_truth: str | None = None) -> float:
+def boxed_format_reward(response: str, ground_truth: str | None = None, **_options: object) -> float:
     """1.0 if the response contains a closed ``\\boxed{}`` (even empty), else 0.0."""
     return float(_last_boxed(response) is not None)
 

@@ -1,6 +1,7 @@
 """Registry of reward functions: a dict plus a decorator.
 
-A reward function is called as ``fn(response: str, ground_truth: str, **kwargs) -> float``.
+A reward function is called as ``fn(response: str, ground_truth: str, *, format_penalty: float, timeout_s: float,
+**more) -> float`` (the `reward.*` config values); accept ``**kwargs`` for options it does not use.
 Users add their own with ``@register_reward("name")`` and look them up with ``get_reward("name")``.
 """
 

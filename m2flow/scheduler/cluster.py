@@ -34,6 +34,8 @@ def launch(cls, *args, name: str, threads: int, **kwargs):
     """One Ray actor of `cls`, collocated: it reserves no CPU slot (all groups share the node) and sets
     its torch threads to `threads`."""
     remote = ray.remote(num_cpus=0)(cls)
-    return remote.options(name=name, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}}).remote(
+    env = {"OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_OFFLINE": "1"}
+    return remote.options(name=name, runtime_env={"env_vars": env}).remote(
         *args, threads=threads, **kwargs
     )

@@ -179,11 +179,23 @@ def test_validate_lists_valid_choices():
         validate(cfg)
 
 
-def test_validate_accepts_single_sample_without_grpo():
+def test_validate_accepts_single_sample_without_grpo(monkeypatch):
+    from m2flow.algorithms import ADVANTAGE_ESTIMATORS
+
+    monkeypatch.setitem(ADVANTAGE_ESTIMATORS._fns, "reinforce", lambda scores, group_ids, **_: scores)
     cfg = Config()
     cfg.algorithm.advantage = "reinforce"
     cfg.rollout.n = 1
     validate(cfg)
+
+
+def test_validate_rejects_unknown_registry_names():
+    for key, section, value in [("algorithm.advantage", "algorithm", "grpoo"), ("algorithm.loss_agg", "algorithm", "x"),
+                                ("reward.name", "reward", "nope"), ("rollout.backend", "rollout", "vllm")]:
+        cfg = Config()
+        setattr(getattr(cfg, section), key.split(".")[1], value)
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*one of"):
+            validate(cfg)
 
 
 def test_load_config_validates():

@@ -12,7 +12,9 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from m2flow.data.tokenizer import IM_END, IM_START, PAD_TOKEN, build_tokenizer
+from m2flow.data.tokenizer import END, PAD_TOKEN, ROLE_TOKENS, build_tokenizer
+
+USER = ROLE_TOKENS["user"]
 
 TEXTS = [
     "Compute (12+3)*4-5.",
@@ -43,9 +45,9 @@ def test_vocab_is_identical_across_processes_and_hash_seeds(tokenizer):
 
 def test_vocab_layout(tokenizer):
     vocab = tokenizer.get_vocab()
-    assert len(tokenizer) == len(vocab) == 3 + 256
-    assert [vocab[t] for t in (PAD_TOKEN, IM_START, IM_END)] == [0, 1, 2]
-    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 2
+    assert len(tokenizer) == len(vocab) == 5 + 256
+    assert [vocab[t] for t in (PAD_TOKEN, END, USER)] == [0, 1, 3]
+    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 1
     assert tokenizer.bos_token is None
     assert tokenizer.padding_side == "left"
     assert sorted(vocab.values()) == list(range(len(vocab)))
@@ -66,8 +68,8 @@ def test_digits_are_single_distinct_tokens(tokenizer):
 
 
 def test_special_tokens_are_single_tokens(tokenizer):
-    ids = tokenizer(f"{IM_START}user\nhi{IM_END}", add_special_tokens=False)["input_ids"]
-    assert ids[0] == tokenizer.convert_tokens_to_ids(IM_START) and ids[-1] == tokenizer.eos_token_id
+    ids = tokenizer(f"{USER}user\nhi{END}", add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.convert_tokens_to_ids(USER) and ids[-1] == tokenizer.eos_token_id
     assert len(ids) == 1 + len("user\nhi") + 1
     assert tokenizer.decode(ids, skip_special_tokens=True) == "user\nhi"
 
@@ -75,17 +77,11 @@ def test_special_tokens_are_single_tokens(tokenizer):
 def test_chat_template(tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
+    assert text == "<|system|>Be brief.<|end|><|user|>What is 2+2?<|end|><|assistant|>"
     no_gen = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    assert no_gen == text[: -len("<|im_start|>assistant\n")]
+    assert no_gen == text[: -len("<|assistant|>")]
     full = messages + [{"role": "assistant", "content": "\\boxed{4}"}]
-    assert tokenizer.apply_chat_template(full, tokenize=False).endswith(
-        "<|im_start|>assistant\n\\boxed{4}<|im_end|>\n"
-    )
+    assert tokenizer.apply_chat_template(full, tokenize=False).endswith("<|assistant|>\\boxed{4}<|end|>")
 
 
 def test_build_tokenizer_twice_is_identical(tokenizer):
@@ -101,7 +97,7 @@ def test_save_and_autotokenizer_reload_next_to_qwen2_config(tmp_path, tokenizer,
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.get_vocab() == tokenizer.get_vocab()
     assert (loaded.eos_token_id, loaded.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
-    for text in TEXTS + [f"{IM_START}user\n7*8=?{IM_END}\n"]:
+    for text in TEXTS + [f"{USER}7*8=?{END}"]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert loaded(text, add_special_tokens=False)["input_ids"] == ids, text
         assert loaded.decode(ids) == tokenizer.decode(ids) == text

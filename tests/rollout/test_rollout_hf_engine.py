@@ -173,15 +173,18 @@ def test_finish_reason_with_extra_stop_tokens(engine, tokenizer, prompts):
 
 
 def test_finish_reason_eos(engine, tokenizer, prompts):
-    samples = engine.generate(prompts, SamplingParams(n=8, temperature=1.0, max_new_tokens=24, seed=0))
-    _check_finish(samples, {tokenizer.eos_token_id}, 24)
-    stopped = [s for s in samples if s.finish_reason == "stop"]
-    assert stopped, "seed 0 is known to produce EOS stops with this micro model"
+    for seed in range(50):  # a random-init model emits EOS (1 of 261 tokens) now and then
+        samples = engine.generate(prompts, SamplingParams(n=8, temperature=1.0, max_new_tokens=24, seed=seed))
+        _check_finish(samples, {tokenizer.eos_token_id}, 24)
+        stopped = [s for s in samples if s.finish_reason == "stop"]
+        if stopped:
+            break
+    assert stopped, "no EOS stop in 50 seeds"
     assert all(s.token_ids[-1] == tokenizer.eos_token_id for s in stopped)
     # the text drops the special EOS token
     for s in samples:
         assert s.text == tokenizer.decode(s.token_ids, skip_special_tokens=True)
-        assert "<|im_end|>" not in s.text
+        assert "<|end|>" not in s.text
 
 
 # ---------------------------------------------------------------------------------------------------------

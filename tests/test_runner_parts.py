@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import torch
+
+from m2flow.batch import RolloutBatch
+from m2flow.runner import PromptSampler, _informative_rows
+
+
+def _batch(scores, groups):
+    B = len(scores)
+    return RolloutBatch(
+        input_ids=torch.zeros(B, 3, dtype=torch.long), attention_mask=torch.ones(B, 3, dtype=torch.long),
+        response_mask=torch.ones(B, 2), rollout_logprobs=torch.zeros(B, 2),
+        group_ids=torch.tensor(groups), scores=torch.tensor(scores, dtype=torch.float32),
+    )
+
+
+def test_informative_rows_drop_groups_with_equal_rewards():
+    # group 0: all wrong, group 1: mixed, group 2: all right, group 3: mixed with a format penalty
+    batch = _batch([0, 0, 1, 0, 1, 1, -0.5, 0], [0, 0, 1, 1, 2, 2, 3, 3])
+    assert _informative_rows(batch).tolist() == [2, 3, 6, 7]
+    kept = batch.select(_informative_rows(batch))
+    assert kept.group_ids.tolist() == [1, 1, 3, 3]
+    assert kept.input_ids.shape == (4, 3)
+
+
+def test_informative_rows_none():
+    assert _informative_rows(_batch([1, 1], [0, 0])).numel() == 0
+
+
+def test_prompt_sampler_epochs_are_permutations_and_seeded():
+    a, b = PromptSampler(10, seed=3), PromptSampler(10, seed=3)
+    first = a.next(4) + a.next(6)
+    assert sorted(first) == list(range(10))  # one epoch covers every prompt once
+    assert b.next(10) == first
+    assert sorted(a.next(10)) == list(range(10))
+    assert PromptSampler(10, seed=4).next(10) != first
