@@ -40,7 +40,8 @@ class BaseModelConfig:
     num_heads: int = 4  # attention heads
     num_kv_heads: int = 2  # key/value heads (GQA)
     intermediate_size: int = 384  # SwiGLU hidden size
-    sft_examples: int = 2000  # worked solutions available for supervised warm start (deliberately limited)
+    sft_examples: int = 3000  # demonstrations for the supervised warm start (deliberately limited)
+    sft_direct_fraction: float = 0.28  # share of demonstrations that give only the final answer, no worked steps
     sft_steps: int = 1500  # optimizer steps of supervised warm start
     sft_batch_size: int = 64  # sequences per supervised step
     sft_lr: float = 3e-3  # peak learning rate of supervised warm start (cosine decay)
@@ -58,6 +59,7 @@ class DataConfig:
     synthetic_train_size: int = 50000  # synthetic RL problems (answers only, no worked solutions)
     synthetic_eval_size: int = 500  # synthetic held-out problems, disjoint from every training split
     synthetic_seed: int = 7  # seed of the synthetic problem generator
+    synthetic_max_operand: int = 30  # synthetic problems draw +/- operands from 1..this
 
 
 @dataclass
@@ -94,7 +96,7 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 60  # RL iterations
+    steps: int = 50  # RL iterations
     prompts_per_step: int = 64  # prompts per iteration (each sampled rollout.n times)
     lr: float = 1e-4  # actor learning rate (AdamW, constant after warmup)
     warmup_steps: int = 0  # linear learning-rate warmup

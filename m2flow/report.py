@@ -15,6 +15,8 @@ def print_summary(summary: dict) -> None:
     table.add_row(f"held-out accuracy, base (greedy, {n} problems)", f"{summary['held_out_accuracy_before']:.1%}")
     table.add_row(f"held-out accuracy, after RL ({summary['rl_steps']} steps)", f"{summary['held_out_accuracy_after']:.1%}")
     table.add_row("gain (points)", f"{100 * summary['held_out_gain']:+.1f}")
+    table.add_row("answers with worked steps, base -> RL",
+                  f"{summary['held_out_worked_share_before']:.0%} -> {summary['held_out_worked_share_after']:.0%}")
     for step, acc in base.get("held_out_accuracy_by_sft_step", {}).items():
         table.add_row(f"  base during SFT, step {step} of {base['sft_steps']}", f"{acc:.1%}")
     if "build_seconds" in base:

@@ -28,7 +28,7 @@ from m2flow.algorithms import ADVANTAGE_ESTIMATORS
 from m2flow.batch import RolloutBatch
 from m2flow.config import Config, save_config
 from m2flow.data.datasets import Problem, load_problems
-from m2flow.data.synthetic import make_splits
+from m2flow.data.synthetic import TaskSpec, make_splits
 from m2flow.data.templates import format_prompt
 from m2flow.eval import EvalResult, evaluate
 from m2flow.metrics import MetricsLogger, plot_metrics
@@ -59,7 +59,9 @@ def load_task(cfg: Config) -> Task:
     synthetic = None
     if not (d.train_path and d.eval_path and cfg.model.path):
         sizes = {"eval": d.synthetic_eval_size, "sft": cfg.base.sft_examples, "rl": d.synthetic_train_size}
-        synthetic = make_splits(sizes, seed=d.synthetic_seed)
+        spec = TaskSpec(max_operand=d.synthetic_max_operand)
+        sft_spec = dataclasses.replace(spec, direct_fraction=cfg.base.sft_direct_fraction)
+        synthetic = make_splits(sizes, seed=d.synthetic_seed, spec=spec, split_specs={"sft": sft_spec})
     load = lambda p: load_problems(p, d.prompt_key, d.answer_key)  # noqa: E731
     return Task(
         train=load(d.train_path) if d.train_path else synthetic["rl"],
@@ -145,9 +147,13 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         generate = lambda ps, sp: ray.get(rollout.generate.remote(ps, sp))  # noqa: E731
         return evaluate(generate, held_out, held_out_prompts, greedy, reward_fn)
 
+    def eval_metrics(result: EvalResult) -> dict[str, float]:
+        return {"eval/accuracy": result.accuracy, "eval/worked_share": result.worked_share,
+                "eval/response_tokens": result.mean_response_tokens}
+
     metrics_log = MetricsLogger(run_dir)
     before = held_out_eval()
-    metrics_log.log(0, {"eval/accuracy": before.accuracy})
+    metrics_log.log(0, eval_metrics(before))
     log.info("held-out accuracy before RL: %.3f", before.accuracy)
     sampler = PromptSampler(len(prompts), cfg.seed)
     totals = {"samples": 0, "tokens": 0, "seconds": 0.0}
@@ -187,7 +193,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         totals["seconds"] += times["time/step"]
         metrics["throughput/samples_per_s"] = len(samples) / times["time/step"]
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
-            metrics["eval/accuracy"] = held_out_eval().accuracy
+            metrics.update(eval_metrics(held_out_eval()))
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != cfg.train.steps:
             _save_periodic(actor, run_dir, step, cfg.checkpoint.keep_last)
         metrics_log.log(step, metrics)
@@ -195,11 +201,11 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                         s=f"{times['time/step']:.1f}")
 
     after = held_out_eval()
-    metrics_log.log(cfg.train.steps, {"eval/accuracy": after.accuracy})
+    metrics_log.log(cfg.train.steps, eval_metrics(after))
     metrics_log.close()
     final_dir = ray.get(actor.save_checkpoint.remote(os.path.join(run_dir, "checkpoints", "final")))
     plot_metrics(metrics_log.path, os.path.join(run_dir, "metrics.png"),
-                 ["reward/mean", "eval/accuracy", "response/length_mean", "actor/entropy", "actor/pg_clip_frac",
+                 ["reward/mean", "eval/accuracy", "eval/worked_share", "response/length_mean", "actor/entropy", "actor/pg_clip_frac",
                   "actor/grad_norm", "time/step"])
     summary = {
         "run_dir": run_dir,
@@ -209,6 +215,10 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         "held_out_gain": after.accuracy - before.accuracy,
         "held_out_by_kind_before": before.by_kind,
         "held_out_by_kind_after": after.by_kind,
+        "held_out_worked_share_before": before.worked_share,
+        "held_out_worked_share_after": after.worked_share,
+        "held_out_response_tokens_before": before.mean_response_tokens,
+        "held_out_response_tokens_after": after.mean_response_tokens,
         "base_model": {"path": model_path, **base_info},
         "rl_steps": cfg.train.steps,
         "rl_seconds": totals["seconds"],

@@ -4,9 +4,11 @@ Kinds (the difficulty is the number of arithmetic steps):
 - arithmetic with 2, 3 or 4 operands (+, -, and multiplication by a one-digit number);
 - short word problems (buy / give away / boxes of items), one or two steps.
 
-Every problem has a worked solution written one step per line and ending in `\\boxed{answer}`, the
-format the reward extracts. Intermediate results never go below zero.
-`make_splits` returns disjoint splits (no question text appears in two of them).
+Every problem has a worked solution: an opening line (one of `OPENERS`), one step per line, and
+`\\boxed{answer}`, the format the reward extracts. With `TaskSpec.direct_fraction` > 0, that share of
+solutions is the bare `\\boxed{answer}` instead (the mixed demonstrations of the default experiment).
+Intermediate results never go below zero. `make_splits` returns disjoint splits (no question text appears
+in two of them).
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from dataclasses import dataclass
 from m2flow.data.datasets import Problem
 
 NAMES = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lea", "Max", "Nia"]
+# Worked solutions open in one of several ways, as written solutions do; a bare answer always looks the same.
+OPENERS = ["Steps:\n", "Work:\n", "Let's compute:\n"]
 ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps", "cards", "eggs", "marbles", "cups"]
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    max_operand: int = 50  # operands of + and - are drawn from 1..max_operand
+    max_operand: int = 30  # operands of + and - are drawn from 1..max_operand
     max_multiplier: int = 9  # multiplications are by 2..max_multiplier
-    weights: tuple[float, float, float, float] = (0.25, 0.35, 0.15, 0.25)  # 2-op, 3-op, 4-op, word problems
+    weights: tuple[float, float, float, float] = (0.3, 0.4, 0.1, 0.2)  # 2-op, 3-op, 4-op, word problems
     direct_fraction: float = 0.0  # share of solutions that state only the final answer, with no worked steps
 
     def __post_init__(self) -> None:
@@ -94,8 +98,11 @@ def make_problem(rng: random.Random, spec: TaskSpec = TaskSpec()) -> Problem:
     kind = rng.choices(range(4), weights=spec.weights)[0]
     problem = _word(rng, spec) if kind == 3 else _arithmetic(rng, spec, kind + 2)
     direct = rng.random() < spec.direct_fraction
+    opener = rng.choice(OPENERS)
     if direct:
         problem.solution = f"\\boxed{{{problem.answer}}}"
+    else:
+        problem.solution = opener + problem.solution
     problem.meta["solution_style"] = "direct" if direct else "worked"
     return problem
 

@@ -16,6 +16,8 @@ class EvalResult:
     accuracy: float  # mean correctness over all samples (avg@n; greedy: accuracy)
     pass_at_n: float  # fraction of problems with at least one correct sample
     num_problems: int
+    mean_response_tokens: float = 0.0
+    worked_share: float = 0.0  # responses that show at least one worked step (a line containing '=')
     by_kind: dict[str, float] = field(default_factory=dict)  # accuracy per problem kind (meta["kind"])
     examples: list[dict] = field(default_factory=list)  # a few (question, response, answer, correct)
 
@@ -46,6 +48,8 @@ def evaluate(
         accuracy=sum(correct) / max(len(correct), 1),
         pass_at_n=sum(any(v) for v in per_problem.values()) / max(len(per_problem), 1),
         num_problems=len(problems),
+        mean_response_tokens=sum(len(s.token_ids) for s in samples) / max(len(samples), 1),
+        worked_share=sum("=" in s.text for s in samples) / max(len(samples), 1),
         by_kind={k: sum(v) / len(v) for k, v in sorted(kinds.items())},
         examples=examples,
     )

@@ -65,6 +65,7 @@ def ensure_base_model(
 
     def on_step(step: int, loss: float) -> None:
         if step == check_step or step == base.sft_steps:
+            model.eval()
             curve[step] = evaluate(engine.generate, held_out, prompts, greedy).accuracy
             model.train()
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from m2flow.data.synthetic import TaskSpec, make_problem, make_splits
+from m2flow.data.synthetic import OPENERS, TaskSpec, make_problem, make_splits
 from m2flow.rewards import math_reward
 
 STEP = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
@@ -66,8 +66,9 @@ def test_worked_solutions_are_correct_and_chain(problems):
     for p in _all(problems):
         assert p.meta["solution_style"] == "worked"
         lines = p.solution.split("\n")
+        assert lines[0] + "\n" in OPENERS, p.solution
         assert lines[-1] == f"\\boxed{{{p.answer}}}", p.solution
-        steps = lines[:-1]
+        steps = lines[1:-1]
         assert len(steps) == p.meta["steps"] >= 1
         previous = None
         for line in steps:
@@ -101,7 +102,7 @@ def test_word_problems_mention_their_numbers(problems):
     assert words
     for p in words:
         numbers = {int(x) for x in re.findall(r"\d+", p.question)}
-        first = STEP.match(p.solution.split("\n")[0])
+        first = STEP.match(p.solution.split("\n")[1])
         assert {int(first[1]), int(first[3])} <= numbers, (p.question, p.solution)
 
 
@@ -118,8 +119,15 @@ def test_direct_fraction_extremes(fraction):
             assert p.solution == f"\\boxed{{{p.answer}}}"
         else:
             assert p.meta["solution_style"] == "worked"
-            assert "=" in p.solution.split("\n")[0]
+            assert "=" in p.solution.split("\n")[1]
         assert math_reward(p.solution, p.answer) == 1.0
+
+
+def test_openers_vary():
+    splits = make_splits({"a": 400}, seed=5)
+    openers = {p.solution.split("\n")[0] + "\n" for p in splits["a"]}
+    assert openers == set(OPENERS)
+    assert len({o[0] for o in OPENERS}) == len(OPENERS)  # each opener starts with its own first token
 
 
 def test_direct_fraction_half():
