@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.m2flow-installed
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow docs clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ test: setup
 
 test-slow: setup
 	RAY_AUTH_MODE=disabled $(BIN)/pytest -q -m slow
+
+docs: setup
+	$(BIN)/python -m m2flow.config > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) runs .cache

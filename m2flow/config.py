@@ -209,16 +209,9 @@ def validate(cfg: Config) -> None:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the fully resolved config as YAML, atomically (loadable again with load_config)."""
-    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from m2flow.io import atomic_write_text
+
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -31,6 +31,7 @@ from m2flow.data.datasets import Problem, load_problems
 from m2flow.data.synthetic import TaskSpec, make_splits
 from m2flow.data.templates import format_prompt
 from m2flow.eval import EvalResult, evaluate
+from m2flow.io import atomic_write_text
 from m2flow.metrics import MetricsLogger, plot_metrics
 from m2flow.rewards import get_reward
 from m2flow.rollout import SamplingParams
@@ -228,8 +229,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         "final_checkpoint": final_dir,
         "examples_after": after.examples,
     }
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
     for handle in (rollout, actor, reference):
         if handle is not None:
             ray.kill(handle)

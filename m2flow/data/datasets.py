@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from m2flow.io import atomic_write_text
+
 SUFFIXES = (".jsonl", ".parquet")
 
 
@@ -41,20 +43,13 @@ def load_problems(path: str, prompt_key: str = "question", answer_key: str = "an
 
 def save_problems(problems: Iterable[Problem], path: str) -> None:
     """Write problems as jsonl (atomically), readable with `load_problems(path, solution_key="solution")`."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for p in problems:
-                row = {**p.meta, "question": p.question, "answer": p.answer}
-                if p.solution is not None:
-                    row["solution"] = p.solution
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    lines = []
+    for p in problems:
+        row = {**p.meta, "question": p.question, "answer": p.answer}
+        if p.solution is not None:
+            row["solution"] = p.solution
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(lines))
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
