@@ -12,18 +12,18 @@ def print_summary(summary: dict) -> None:
     table.add_column("what")
     table.add_column("value", justify="right")
     n = summary["held_out_problems"]
-    table.add_row(f"held-out accuracy, base (greedy, {n} problems)", f"{summary['held_out_accuracy_before']:.1%}")
-    table.add_row(f"held-out accuracy, after RL ({summary['rl_steps']} steps)", f"{summary['held_out_accuracy_after']:.1%}")
+    table.add_row(f"held-out accuracy, base ({n}, greedy)", f"{summary['held_out_accuracy_before']:.1%}")
+    table.add_row(f"held-out accuracy, RL ({summary['rl_steps']} steps)", f"{summary['held_out_accuracy_after']:.1%}")
     table.add_row("gain (points)", f"{100 * summary['held_out_gain']:+.1f}")
-    table.add_row("answers with worked steps, base -> RL",
+    table.add_row("worked answers, base -> RL",
                   f"{summary['held_out_worked_share_before']:.0%} -> {summary['held_out_worked_share_after']:.0%}")
     for step, acc in base.get("held_out_accuracy_by_sft_step", {}).items():
-        table.add_row(f"  base during SFT, step {step} of {base['sft_steps']}", f"{acc:.1%}")
+        table.add_row(f"  base at SFT step {step}/{base['sft_steps']}", f"{acc:.1%}")
     if "build_seconds" in base:
         table.add_row("base model", "cached" if base.get("cached") else f"built in {base['build_seconds']:.0f}s")
     table.add_row("RL time", f"{summary['rl_seconds']:.0f}s")
-    table.add_row("RL throughput", f"{summary['rl_samples_per_s']:.0f} samples/s, {summary['rl_tokens_per_s']:.0f} tokens/s")
+    table.add_row("RL throughput", f"{summary['rl_samples_per_s']:.0f} samples/s")
     table.add_row("total time", f"{summary['total_seconds']:.0f}s")
     table.add_row("run directory", summary["run_dir"])
-    table.add_row("final checkpoint (HF format)", summary["final_checkpoint"])
-    Console().print(table)
+    table.add_row("final checkpoint", summary["final_checkpoint"])
+    Console(width=max(100, Console().width)).print(table)

@@ -181,3 +181,25 @@ def test_fsdp_matches_plain_update(base_model, rollout):
         if created and dist.is_initialized():
             dist.destroy_process_group()
     assert dist.is_initialized() != created  # no process group leaks into later tests
+
+
+def test_kl_term_and_reference_worker(base_model, rollout, tokenizer, tmp_path):
+    """The reference (a frozen copy of the start) gives the actor's own logprobs; with kl_coef > 0 the
+    actor reports the KL, which is exactly 0 before the first update and positive after it."""
+    from m2flow.config import Config
+    from m2flow.scheduler.workers import ReferenceWorker
+    from m2flow.training.checkpoint import save_hf_checkpoint
+
+    save_hf_checkpoint(str(tmp_path / "ref"), base_model.config, base_model.state_dict(), tokenizer)
+    cfg = Config()
+    cfg.rollout.temperature = 1.0
+    reference = ReferenceWorker(str(tmp_path / "ref"), cfg, threads=1)
+    actor = Actor(copy.deepcopy(base_model), TrainConfig(fsdp=False, lr=LR),
+                  AlgorithmConfig(kl_coef=0.5, kl_estimator="k3"))
+    batch = _prepared(actor, rollout)
+    batch.ref_logprobs = reference.compute_logprobs(batch)
+    torch.testing.assert_close(batch.ref_logprobs, batch.old_logprobs, atol=1e-5, rtol=0)
+    first = actor.update(batch)
+    assert first["actor/kl"] == pytest.approx(0.0, abs=1e-6)
+    second = actor.update(batch)
+    assert second["actor/kl"] > 0
