@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from contextlib import contextmanager
 
@@ -266,8 +267,6 @@ def _save_periodic(actor, run_dir: str, step: int, keep_last: int) -> None:
     root = os.path.join(run_dir, "checkpoints")
     ray.get(actor.save_checkpoint.remote(os.path.join(root, f"step_{step:06d}")))
     periodic = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith((".tmp", ".old")))
-    import shutil
-
     for old in periodic[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 

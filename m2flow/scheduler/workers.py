@@ -9,6 +9,7 @@ from m2flow.config import Config
 from m2flow.rollout import HFEngine, Sample, SamplingParams
 from m2flow.training.actor import Actor
 from m2flow.training.checkpoint import load_hf_model, save_hf_checkpoint
+from m2flow.training.forward import batch_logprobs
 
 
 def _setup(threads: int, seed: int) -> None:
@@ -55,19 +56,10 @@ class ReferenceWorker:
 
     def __init__(self, model_path: str, cfg: Config, threads: int = 1):
         _setup(threads, cfg.seed)
-        from m2flow.training.forward import response_logits, token_logprobs
-
         model, _ = load_hf_model(model_path, cfg.model.dtype)
         self.model = model.eval().requires_grad_(False)
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
         self.micro_batch_size = cfg.train.micro_batch_size
-        self._logits, self._logprobs = response_logits, token_logprobs
 
-    @torch.no_grad()
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        out = [
-            self._logprobs(self._logits(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1]),
-                           mb.input_ids[:, mb.prompt_width :], self.temperature)
-            for mb in batch.split(self.micro_batch_size)
-        ]
-        return torch.cat(out) * batch.response_mask
+        return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size)

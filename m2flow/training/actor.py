@@ -12,7 +12,7 @@ import torch.distributed as dist
 from m2flow.algorithms import KL_ESTIMATORS, POLICY_LOSSES, broadcast_to_tokens, entropy_from_logits, masked_mean
 from m2flow.batch import RolloutBatch
 from m2flow.config import AlgorithmConfig, TrainConfig
-from m2flow.training.forward import response_logits, token_logprobs
+from m2flow.training.forward import batch_logprobs, response_logits, token_logprobs
 
 
 def init_single_process_group() -> None:
@@ -67,14 +67,10 @@ class Actor:
     def _logits(self, mb: RolloutBatch) -> torch.Tensor:
         return response_logits(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1])
 
-    @torch.no_grad()
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """Logprobs of the response tokens under the current weights: [B, T]."""
         self.model.eval()
-        out = []
-        for mb in batch.split(self.train_cfg.micro_batch_size):
-            out.append(token_logprobs(self._logits(mb), mb.input_ids[:, mb.prompt_width :], self.temperature))
-        return torch.cat(out) * batch.response_mask
+        return batch_logprobs(self.model, batch, self.temperature, self.train_cfg.micro_batch_size)
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """`epochs` passes over the batch in `mini_batches` optimizer steps, each accumulated over

@@ -27,3 +27,14 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     if temperature not in (0, 1):
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def batch_logprobs(model, batch, temperature: float, micro_batch_size: int) -> torch.Tensor:
+    """Logprobs of a RolloutBatch's response tokens, micro-batched; 0 off the response mask: [B, T]."""
+    out = [
+        token_logprobs(response_logits(model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1]),
+                       mb.input_ids[:, mb.prompt_width :], temperature)
+        for mb in batch.split(micro_batch_size)
+    ]
+    return torch.cat(out) * batch.response_mask
