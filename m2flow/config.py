@@ -96,7 +96,7 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 40  # RL iterations
+    steps: int = 30  # RL iterations
     prompts_per_step: int = 64  # prompts per iteration (each sampled rollout.n times)
     lr: float = 1e-4  # actor learning rate (AdamW, constant after warmup)
     warmup_steps: int = 0  # linear learning-rate warmup
