@@ -129,7 +129,7 @@ class Actor:
         if self.kl is not None:
             kl = masked_mean(self.kl(logprobs, mb.ref_logprobs), mask)
             loss = loss + algo.kl_coef * kl
-            metrics["kl"] = float(kl)
+            metrics["kl"] = float(kl.detach())
         return loss, metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
