@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from m2flow.batch import RolloutBatch
@@ -35,3 +36,22 @@ def test_prompt_sampler_epochs_are_permutations_and_seeded():
     assert b.next(10) == first
     assert sorted(a.next(10)) == list(range(10))
     assert PromptSampler(10, seed=4).next(10) != first
+
+
+def test_load_task_from_user_files(tmp_path):
+    from m2flow.config import load_config
+    from m2flow.data.datasets import DataError
+    from m2flow.runner import load_task
+
+    (tmp_path / "train.jsonl").write_text('{"problem": "1+1?", "solution": 2}\n{"problem": "2+2?", "solution": "4"}\n')
+    (tmp_path / "test.jsonl").write_text('{"problem": "3+3?", "solution": 6}\n')
+    keys = ["data.prompt_key=problem", "data.answer_key=solution", f"data.train_path={tmp_path / 'train.jsonl'}",
+            f"data.eval_path={tmp_path / 'test.jsonl'}", f"model.path={tmp_path}"]
+    task = load_task(load_config(None, keys))
+    assert [(p.question, p.answer) for p in task.train] == [("1+1?", "2"), ("2+2?", "4")]
+    assert [(p.question, p.answer) for p in task.held_out] == [("3+3?", "6")]
+    assert task.sft == []  # a user model needs no warm start
+
+    (tmp_path / "test.jsonl").write_text('{"problem": "3+3?"}\n')
+    with pytest.raises(DataError, match="test.jsonl:1"):
+        load_task(load_config(None, keys))
