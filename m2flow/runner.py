@@ -138,9 +138,9 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     score = lambda text, truth: reward_fn(  # noqa: E731
         text, truth, format_penalty=cfg.reward.format_penalty, timeout_s=cfg.reward.timeout_s)
     advantage_fn = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage)
-    prompts = [format_prompt(p.question, tokenizer, cfg.data.template) for p in task.train]
+    prompt = lambda p: format_prompt(p.question, tokenizer, cfg.data.template)  # noqa: E731
     held_out = task.held_out[: cfg.eval.num_problems]
-    held_out_prompts = [format_prompt(p.question, tokenizer, cfg.data.template) for p in held_out]
+    held_out_prompts = [prompt(p) for p in held_out]
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
     sampling = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
@@ -157,7 +157,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     before = held_out_eval()
     metrics_log.log(0, eval_metrics(before))
     log.info("held-out accuracy before RL: %.3f", before.accuracy)
-    sampler = PromptSampler(len(prompts), cfg.seed)
+    sampler = PromptSampler(len(task.train), cfg.seed)
     totals = {"samples": 0, "tokens": 0, "seconds": 0.0}
     bar = tqdm(range(1, cfg.train.steps + 1), desc="grpo", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -167,7 +167,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
             step_params = dataclasses.replace(sampling, seed=cfg.seed * 1_000_003 + step)
 
             with timer(times, "rollout"):
-                samples = ray.get(rollout.generate.remote([prompts[i] for i in ids], step_params))
+                samples = ray.get(rollout.generate.remote([prompt(task.train[i]) for i in ids], step_params))
                 batch = RolloutBatch.from_samples(samples, tokenizer.pad_token_id)
             with timer(times, "reward"):
                 truths = [task.train[ids[s.prompt_index]].answer for s in samples]
