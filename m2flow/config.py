@@ -146,6 +146,7 @@ DTYPES = ("float32", "bfloat16")  # supported model.dtype values
 PLACEMENTS = ("collocated",)  # implemented cluster.placement modes
 TEMPLATES = ("chat", "plain")  # prompt templates (m2flow.data.templates)
 ROLLOUT_BACKENDS = ("hf",)  # implemented rollout engines
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # advantage estimators that need several samples per prompt
 
 
 class ConfigError(ValueError):
@@ -178,8 +179,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     a, r, t = cfg.algorithm, cfg.rollout, cfg.train
-    check(a.advantage != "grpo" or r.n >= 2,
-          f"rollout.n must be >= 2 when algorithm.advantage is 'grpo' (a group needs several samples), got {r.n}")
+    check(a.advantage not in GROUP_ESTIMATORS or r.n >= 2,
+          f"rollout.n must be >= 2 when algorithm.advantage is {a.advantage!r} (a group needs several samples), "
+          f"got {r.n}")
     check(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}")
     check(0 <= r.top_p <= 1, f"rollout.top_p must be in [0, 1], got {r.top_p}")
     positive = {"train.steps": t.steps, "train.prompts_per_step": t.prompts_per_step,

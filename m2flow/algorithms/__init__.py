@@ -6,7 +6,7 @@ Each family has a registry (``ADVANTAGE_ESTIMATORS``, ``POLICY_LOSSES``, ``KL_ES
 
 from __future__ import annotations
 
-from .advantages import broadcast_to_tokens, grpo_advantages
+from .advantages import broadcast_to_tokens, dr_grpo_advantages, grpo_advantages, rloo_advantages
 from .aggregation import aggregate_loss
 from .kl import kl_abs, kl_k1, kl_k2, kl_k3
 from .losses import entropy_from_logits, logprobs_from_logits, ppo_clip_loss
@@ -21,6 +21,7 @@ __all__ = [
     "Registry",
     "aggregate_loss",
     "broadcast_to_tokens",
+    "dr_grpo_advantages",
     "entropy_from_logits",
     "grpo_advantages",
     "kl_abs",
@@ -31,4 +32,5 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "ppo_clip_loss",
+    "rloo_advantages",
 ]

@@ -28,6 +28,7 @@ def ppo_clip_loss(
     clip_ratio_low: float = 0.2,
     clip_ratio_high: float = 0.2,
     loss_agg: str = "token-mean",
+    clip_ratio_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate: per token ``max(-A * r, -A * clip(r, 1 - low, 1 + high))`` with
     ``r = exp(logprobs - old_logprobs)`` (log-ratio clamped to +-20), reduced with ``aggregate_loss``.
@@ -37,13 +38,25 @@ def ppo_clip_loss(
     larger (clipping changed the loss, so the token gets no gradient); ``approx_kl``, the k3 estimate of
     KL(old || new) = mean(r - 1 - log r), unbiased since the tokens were sampled from the old policy;
     ``ratio_mean``.
+
+    Dual-clip: with ``clip_ratio_c`` set (must be > 1), tokens with negative advantage have their loss
+    capped at ``-A * clip_ratio_c``, i.e. ``min(clipped loss, -A * c)``, so a huge ratio on a bad token
+    cannot blow up the loss (such capped tokens get no gradient). Adds the metric ``dual_clip_frac``, the
+    fraction of valid tokens where the cap is strictly smaller. ``None`` (default) leaves PPO unchanged.
     """
+    if clip_ratio_c is not None and not clip_ratio_c > 1:
+        raise ValueError(f"clip_ratio_c must be > 1 (or None), got {clip_ratio_c}")
     log_ratio = (logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     adv = advantages.detach()
     loss_unclipped = -adv * ratio
     loss_clipped = -adv * ratio.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
     loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    dual_clipped = None
+    if clip_ratio_c is not None:
+        loss_cap = -adv * clip_ratio_c
+        dual_clipped = (adv < 0) & (loss_cap < loss_mat)
+        loss_mat = torch.where(dual_clipped, loss_cap, loss_mat)
     loss = aggregate_loss(loss_mat, response_mask, loss_agg)
     with torch.no_grad():
         metrics = {
@@ -51,6 +64,8 @@ def ppo_clip_loss(
             "approx_kl": masked_mean(kl_k3(old_logprobs, logprobs), response_mask).item(),
             "ratio_mean": masked_mean(ratio, response_mask).item(),
         }
+        if dual_clipped is not None:
+            metrics["dual_clip_frac"] = masked_mean(dual_clipped.float(), response_mask).item()
     return loss, metrics
 
 

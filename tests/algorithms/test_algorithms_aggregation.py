@@ -43,7 +43,12 @@ def test_aggregation_all_masked_is_zero(mode):
 def test_unknown_mode_lists_valid_names():
     with pytest.raises(ValueError, match="seq-mean-token-mean.*seq-mean-token-sum.*token-mean"):
         aggregate_loss(torch.ones(1, 1), torch.ones(1, 1), "sum")
-    assert LOSS_AGGREGATIONS.names() == ["seq-mean-token-mean", "seq-mean-token-sum", "token-mean"]
+    assert LOSS_AGGREGATIONS.names() == [
+        "seq-mean-token-mean",
+        "seq-mean-token-sum",
+        "seq-mean-token-sum-norm",
+        "token-mean",
+    ]
 
 
 def test_masked_mean_and_sum():

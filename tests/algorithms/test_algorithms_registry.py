@@ -39,6 +39,6 @@ def test_builtin_registries_populated():
     assert "grpo" in ADVANTAGE_ESTIMATORS.names()
     assert POLICY_LOSSES.names() == ["ppo_clip"]
     assert KL_ESTIMATORS.names() == ["abs", "k1", "k2", "k3"]
-    assert len(LOSS_AGGREGATIONS.names()) == 3
-    with pytest.raises(ValueError, match="valid names: grpo"):
+    assert len(LOSS_AGGREGATIONS.names()) == 4
+    with pytest.raises(ValueError, match="valid names: dr_grpo, grpo, rloo"):
         ADVANTAGE_ESTIMATORS.get("gae")

@@ -232,3 +232,9 @@ def test_config_to_dict():
     assert d["train"]["lr"] == Config().train.lr
     assert d["cluster"]["address"] is None
     assert isinstance(d["rollout"], dict)
+
+
+@pytest.mark.parametrize("estimator", ["dr_grpo", "rloo"])
+def test_group_estimators_need_several_samples(estimator):
+    with pytest.raises(ConfigError, match="rollout.n must be >= 2"):
+        load_config(None, [f"algorithm.advantage={estimator}", "rollout.n=1"])
