@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from m2flow.algorithms import ADVANTAGE_ESTIMATORS
 from m2flow.batch import RolloutBatch
-from m2flow.config import Config, save_config
+from m2flow.config import Config, save_config, validate
 from m2flow.data.datasets import Problem, load_problems
 from m2flow.data.synthetic import TaskSpec, make_splits
 from m2flow.data.templates import format_prompt
@@ -100,6 +100,7 @@ def make_run_dir(cfg: Config) -> str:
 
 def run(cfg: Config, progress: bool = True) -> dict:
     """Runs the experiment described by `cfg`; returns the summary (also written to summary.json)."""
+    validate(cfg)  # a Config built in Python gets the same checks as one loaded from YAML
     seed_everything(cfg.seed)
     run_dir = make_run_dir(cfg)
     save_config(cfg, os.path.join(run_dir, "config.yaml"))

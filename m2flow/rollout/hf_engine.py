@@ -33,12 +33,11 @@ class HFEngine:
         stops = sorted({tok.eos_token_id, *params.stop_token_ids})
         prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         requests = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(params.n)]
-        generator_seed = params.seed
         samples: list[Sample] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
-            if generator_seed is not None:
-                torch.manual_seed(generator_seed + start)
+            if params.seed is not None:
+                torch.manual_seed(params.seed + start)
             samples += self._generate_batch(chunk, params, stops)
         return samples
 

@@ -20,9 +20,7 @@ def _setup(threads: int, seed: int) -> None:
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: Config, threads: int = 1):
         _setup(threads, cfg.seed)
-        model, tokenizer = load_hf_model(model_path, cfg.model.dtype)
-        if cfg.rollout.backend != "hf":
-            raise ValueError(f"unknown rollout.backend {cfg.rollout.backend!r}; valid: hf")
+        model, tokenizer = load_hf_model(model_path, cfg.model.dtype)  # rollout.backend "hf" (validated)
         self.engine = HFEngine(model, tokenizer, batch_size=cfg.rollout.batch_size)
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Sample]:
@@ -58,7 +56,7 @@ class ReferenceWorker:
         _setup(threads, cfg.seed)
         model, _ = load_hf_model(model_path, cfg.model.dtype)
         self.model = model.eval().requires_grad_(False)
-        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        self.temperature = cfg.rollout.temperature  # token_logprobs treats 0 (greedy) as 1
         self.micro_batch_size = cfg.train.micro_batch_size
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:

@@ -3,7 +3,6 @@ applies the policy-gradient update. A thin shell over pure functions from `m2flo
 
 from __future__ import annotations
 
-import os
 import socket
 
 import torch
@@ -51,7 +50,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Actor:
     def __init__(self, model, train: TrainConfig, algorithm: AlgorithmConfig, temperature: float = 1.0):
         self.train_cfg, self.algo = train, algorithm
-        self.temperature = temperature if temperature > 0 else 1.0
+        self.temperature = temperature  # token_logprobs treats 0 (greedy) as 1
         self.hf_config = model.config
         self.model = apply_fsdp(model) if train.fsdp else model
         self.optimizer = torch.optim.AdamW(

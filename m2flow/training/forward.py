@@ -23,7 +23,8 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) at `tokens`: logits [B, T, V], tokens [B, T] -> [B, T]."""
+    """log softmax(logits / temperature) at `tokens`: logits [B, T, V], tokens [B, T] -> [B, T]. Temperature 0
+    (greedy) uses the raw logits, as the rollout engine reports them."""
     if temperature not in (0, 1):
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
