@@ -29,6 +29,8 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Sample]:
         """Samples `params.n` responses per prompt; returns them prompt-major (all of prompt 0 first)."""
+        if params.stop_strings:
+            raise ValueError("stop_strings are supported by the m2flow rollout backend, not by hf")
         tok = self.tokenizer
         stops = sorted({tok.eos_token_id, *params.stop_token_ids})
         prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -58,6 +60,7 @@ class HFEngine:
             top_p=None if greedy else params.top_p,
             top_k=None if greedy else (params.top_k or 0),
             max_new_tokens=params.max_new_tokens,
+            min_new_tokens=params.max_new_tokens if params.ignore_eos else None,
             eos_token_id=stops,
             pad_token_id=pad,
             output_logits=True,
@@ -72,7 +75,7 @@ class HFEngine:
         for row, (prompt_index, ids) in enumerate(chunk):
             tokens = new_tokens[row].tolist()
             finish = "length"
-            for t, token in enumerate(tokens):
+            for t, token in enumerate([] if params.ignore_eos else tokens):
                 if token in stops:
                     tokens, finish = tokens[: t + 1], "stop"
                     break

@@ -13,6 +13,8 @@ class SamplingParams:
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 64  # response length cap
     stop_token_ids: list[int] = field(default_factory=list)  # generation stops after any of these (EOS is added)
+    stop_strings: list[str] = field(default_factory=list)  # ... or once the response text contains any of these
+    ignore_eos: bool = False  # keep generating after EOS / stop tokens (benchmarks: fixed lengths)
     seed: int | None = None  # same seed, same prompts -> same samples
 
 

@@ -73,7 +73,7 @@ def test_loss_agg_option_and_registry():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     loss, _ = fn(zeros, zeros, adv, mask, loss_agg="seq-mean-token-mean")
     assert loss.item() == pytest.approx(-(2.0 + 6.0) / 2)
-    with pytest.raises(ValueError, match="valid names: ppo_clip"):
+    with pytest.raises(ValueError, match="valid names: gspo, ppo_clip"):
         POLICY_LOSSES.get("ppo")
 
 

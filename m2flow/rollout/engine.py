@@ -1,0 +1,228 @@
+"""m2flow's generation engine: paged KV cache, continuous batching, shared prompt prefixes, exact logprobs.
+
+    engine = Engine.from_pretrained("path/to/hf_model")
+    samples = engine.generate(prompts, SamplingParams(n=8, temperature=1.0, max_new_tokens=512, seed=0))
+
+One ``generate`` call runs to completion: its sequences are added to the scheduler, and ``step()`` runs
+until all have finished. The n samples of a prompt share the prompt's full KV blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from m2flow.rollout.block_manager import BlockManager
+from m2flow.rollout.model import CausalLM, ModelArgs, rope_inv_freq
+from m2flow.rollout.model_runner import ModelRunner, kv_bytes_per_token
+from m2flow.rollout.scheduler import Scheduler
+from m2flow.rollout.sequence import SeqParams, Sequence, Status
+from m2flow.rollout.types import Sample, SamplingParams
+
+GiB = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 512  # sequences decoded together
+    max_num_batched_tokens: int = 16384  # prompt tokens computed in one prefill step
+    max_model_len: int = 0  # prompt + response cap; 0 = the model's max_position_embeddings
+    block_size: int = 16  # tokens per KV block
+    kv_cache_gb: float = 0.0  # KV cache budget; 0 = auto (kv_cache_fraction of free GPU memory; 1 GiB on CPU)
+    kv_cache_fraction: float = 0.3  # share of free GPU memory for the KV cache when kv_cache_gb is 0
+    prefix_caching: bool = True  # share KV blocks between sequences with the same prefix
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CausalLM:
+    """A CausalLM from an HF model directory (config.json + *.safetensors), without transformers."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"not an HF model directory (no config.json): {path}")
+    with open(config_path) as f:
+        args = ModelArgs.from_hf(json.load(f))
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    with torch.device("meta"):
+        model = CausalLM(args)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()  # to_empty made the tied head a separate tensor
+    model.inv_freq = rope_inv_freq(args).to(device)  # float32 whatever the weights' dtype (meta had none)
+
+    def tensors():
+        for name in files:
+            with safe_open(os.path.join(path, name), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+
+    load_weights(model, tensors(), strict=True)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = False) -> int:
+    """Copies tensors into `model`'s parameters by HF name, in place (no reallocation), one at a time, so
+    callers can stream buckets. `lm_head.weight` is skipped when tied. With `strict`, every parameter must be
+    given. Returns how many tensors were loaded; an unknown name or a shape mismatch raises."""
+    params = dict(model.named_parameters())
+    tied = model.args.tie_word_embeddings
+    loaded = set()
+    for name, tensor in weights:
+        if tied and name == "lm_head.weight":
+            continue
+        if name not in params:
+            raise ValueError(f"weight {name!r} does not belong to the model (e.g. {next(iter(params))!r})")
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(params[name].shape)}")
+        params[name].copy_(tensor)
+        loaded.add(name)
+    missing = [n for n in params if n not in loaded and not (tied and n == "lm_head.weight")]
+    if strict and missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
+    return len(loaded)
+
+
+class Engine:
+    def __init__(self, model: CausalLM, tokenizer, config: EngineConfig | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        c = self.config
+        self.max_model_len = c.max_model_len or model.args.max_position_embeddings
+        self.num_blocks = self._num_blocks()
+        self.block_manager = BlockManager(self.num_blocks, c.block_size, c.prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens)
+        self.runner = ModelRunner(model, c.block_size, self.num_blocks)
+        self.policy_version = 0
+        self.sleeping = False
+        self._next_id = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str, config: EngineConfig | None = None, dtype: str = "float32",
+                        device: str = "cpu") -> "Engine":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(load_model(path, getattr(torch, dtype), device), tokenizer, config)
+
+    def _num_blocks(self) -> int:
+        c = self.config
+        p = next(self.model.parameters())
+        per_block = kv_bytes_per_token(self.model, p.dtype) * c.block_size
+        budget = c.kv_cache_gb * GiB
+        if budget <= 0:
+            if p.device.type == "cuda":
+                budget = torch.cuda.mem_get_info(p.device)[0] * c.kv_cache_fraction
+            else:
+                budget = GiB
+        needed = c.max_num_seqs * -(-self.max_model_len // c.block_size)  # never more than can be used
+        num_blocks = min(int(budget // per_block), needed)
+        if num_blocks < 2:
+            raise ValueError(f"KV cache budget of {budget / GiB:.3f} GiB holds {num_blocks} blocks of "
+                             f"{c.block_size} tokens ({per_block} bytes each); raise kv_cache_gb")
+        return num_blocks
+
+    # ---- weights and memory -------------------------------------------------------------------------
+
+    def load_weights(self, weights: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                     policy_version: int) -> None:
+        """In-place weight update by parameter name (a dict, or an iterable of (name, tensor) buckets);
+        cached prefixes are dropped since their KV came from the old weights."""
+        load_weights(self.model, weights.items() if isinstance(weights, dict) else weights)
+        self.block_manager.reset_prefix_cache()
+        self.policy_version = policy_version
+
+    def sleep(self, offload_weights: bool = False) -> None:
+        """Frees the KV cache (and moves the weights to CPU with `offload_weights`) so training can use
+        the device; `wake()` restores both. Cached prefixes are forgotten."""
+        if not self.scheduler.is_finished():
+            raise RuntimeError("cannot sleep while sequences are being generated")
+        self.runner.free_kv()
+        self.block_manager.reset_prefix_cache()
+        self._device = self.runner.device
+        if offload_weights and self._device.type != "cpu":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        self.sleeping = True
+
+    def wake(self) -> None:
+        if not self.sleeping:
+            return
+        self.model.to(self._device)
+        self.runner.allocate_kv()
+        self.sleeping = False
+
+    # ---- generation ---------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Sample]:
+        """Samples `params.n` responses per prompt; returns them prompt-major (all of prompt 0 first)."""
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return self.generate_ids(prompt_ids, params)
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Sample]:
+        if self.sleeping:
+            raise RuntimeError("the engine is asleep: call wake() first")
+        base_seed = params.seed if params.seed is not None else random.getrandbits(32)
+        stops = frozenset() if params.ignore_eos else frozenset({self.tokenizer.eos_token_id, *params.stop_token_ids} - {None})
+        seqs = []
+        for i, ids in enumerate(prompt_ids):
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            if len(ids) >= self.max_model_len:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens; the engine's max_model_len is "
+                                 f"{self.max_model_len}")
+            for j in range(params.n):
+                seed = hash((base_seed, i, j)) & 0xFFFFFFFF
+                seq_params = SeqParams(params.temperature, params.top_p, params.top_k, params.max_new_tokens,
+                                       stops, tuple(params.stop_strings), seed)
+                seqs.append(Sequence(self._next_id, list(ids), len(ids), seq_params, prompt_index=i))
+                self._next_id += 1
+        for seq in seqs:
+            self.scheduler.add(seq)
+        while not self.scheduler.is_finished():
+            self.step()
+        return [self._to_sample(s) for s in seqs]
+
+    def step(self) -> None:
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            raise RuntimeError("the scheduler made no progress: the KV cache is too small for one sequence")
+        tokens, logprobs = self.runner.run(seqs, is_prefill)
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
+            self.block_manager.on_block_filled(seq)  # the KV of all its tokens so far is now written
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            reason = self._finish_reason(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str:
+        p = seq.params
+        if token in p.stop_token_ids:
+            return "stop"
+        if p.stop_strings:
+            tail = self.tokenizer.decode(seq.completion_ids[-(max(map(len, p.stop_strings)) + 8) :])
+            if any(s in tail for s in p.stop_strings):
+                return "stop"
+        if seq.num_completion_tokens >= p.max_new_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return ""
+
+    def _to_sample(self, seq: Sequence) -> Sample:
+        assert seq.status is Status.FINISHED
+        return Sample(
+            prompt_index=seq.prompt_index,
+            prompt_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=seq.completion_ids,
+            logprobs=seq.logprobs,
+            finish_reason=seq.finish_reason,
+            text=self.tokenizer.decode(seq.completion_ids, skip_special_tokens=True),
+            policy_version=self.policy_version,
+        )

@@ -1,0 +1,242 @@
+"""The Qwen2 / Llama decoder written as plain layers over a paged KV cache.
+
+Parameter names are the Hugging Face ones (``model.layers.0.self_attn.q_proj.weight``...), so checkpoints
+and trainer weight updates load by name with no mapping. Tokens are flat (``[N]``, all sequences of a
+step concatenated); attention gathers each sequence's keys and values from the block cache through
+``AttentionInputs`` built by the model runner.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelArgs:
+    """The architecture fields of an HF ``config.json`` that this engine uses."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # bias on the q/k/v projections (Qwen2: always; Llama: config.attention_bias)
+    o_bias: bool  # bias on the output projection (Llama: config.attention_bias; Qwen2: never)
+    mlp_bias: bool  # bias on the MLP projections (Llama: config.mlp_bias)
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelArgs":
+        arch = (cfg.get("architectures") or [ARCHITECTURES.get(cfg.get("model_type"), cfg.get("model_type"))])[0]
+        if arch not in ARCHITECTURES.values():
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(ARCHITECTURES.values())}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; supported: silu")
+        heads = cfg["num_attention_heads"]
+        # transformers >= 5 writes `rope_parameters` (theta included); older checkpoints `rope_theta` + `rope_scaling`
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = {}
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=rope or None,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            qkv_bias=arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False),
+            o_bias=arch != "Qwen2ForCausalLM" and cfg.get("attention_bias", False),
+            mlp_bias=cfg.get("mlp_bias", False),
+        )
+
+
+@dataclass
+class AttentionInputs:
+    """Where a step's tokens go in the KV cache and what each query may attend to.
+
+    slot_mapping [N]: flat cache slot (block * block_size + offset) of each new token.
+    block_tables [B, M]: each sequence's KV blocks in position order (padded with block 0).
+    query_index [B, Q] or None: flat token index of each sequence's queries, -1 where padded; None =
+        decode (Q = 1, token b belongs to sequence b).
+    mask [B, 1, Q, M * block_size] float: 0 where the query may attend to the key (causal, within the
+        context), -inf elsewhere; padded queries attend to key 0 only.
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    query_index: torch.Tensor | None
+    mask: torch.Tensor
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim / 2], with the scaling variants of Qwen2.5 / Llama 3.x."""
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":  # long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        ramped = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        out = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        middle = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(middle, ramped, out)
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, H, D]; cos/sin [N, 1, D] (halves repeated). Rotates (x1, x2) pairs split at D / 2."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        bias = args.qkv_bias
+        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
+        # [num_blocks * block_size, H_kv, D] views of this layer's cache, set by the model runner
+        self.k_cache = self.v_cache = torch.empty(0)
+        self.block_size = 0
+
+    def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """[B, H_kv, M * block_size, D]: each sequence's context, gathered block by block."""
+        b, m = block_tables.shape
+        blocks = cache.view(-1, self.block_size, self.num_kv_heads, self.head_dim)
+        return blocks.index_select(0, block_tables.reshape(-1)).view(b, m * self.block_size, self.num_kv_heads,
+                                                                     self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        n = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        self.k_cache.index_copy_(0, attn.slot_mapping, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(0, attn.slot_mapping, v.to(self.v_cache.dtype))
+        keys, values = self._gather(self.k_cache, attn.block_tables), self._gather(self.v_cache, attn.block_tables)
+        # GQA without repeating keys: the query heads that share a KV head become extra query rows
+        h_kv, group = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        if attn.query_index is None:  # decode: one query per sequence
+            queries = q.view(n, h_kv, group, self.head_dim)  # [B, H_kv, G, D]
+            mask = attn.mask
+        else:
+            b, width = attn.query_index.shape  # [B, Q, H, D] -> [B, H_kv, G * Q, D]
+            queries = q[attn.query_index].view(b, width, h_kv, group, self.head_dim).permute(0, 2, 3, 1, 4)
+            queries = queries.reshape(b, h_kv, group * width, self.head_dim)
+            mask = attn.mask.repeat(1, 1, group, 1)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)  # [B, H_kv, G * Q, D]
+        if attn.query_index is None:
+            out = out.reshape(n, -1)
+        else:  # back to flat tokens: each valid query's row in the padded layout
+            out = out.view(b, h_kv, group, width, self.head_dim).permute(0, 3, 1, 2, 4).reshape(b, width, -1)
+            valid = attn.query_index >= 0
+            flat = torch.empty(n, out.shape[-1], dtype=out.dtype, device=out.device)
+            flat[attn.query_index[valid]] = out[valid]
+            out = flat
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        bias = args.mlp_bias
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, attn: AttentionInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """``forward(input_ids [N], positions [N], attn) -> hidden [N, hidden]``; ``logits(hidden) -> [.., V]``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tie_weights()
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def tie_weights(self) -> None:
+        """Shares the embedding with the output head when the config ties them (again after `to_empty`)."""
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # float32, as the trainer computes it
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attn)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

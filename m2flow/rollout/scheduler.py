@@ -1,0 +1,75 @@
+"""Continuous batching: which sequences run in the next step.
+
+Waiting sequences are prefilled first (as many as the token and sequence budgets and free blocks
+allow); otherwise every running sequence decodes one token. When a decode step has no free block for a
+sequence, the newest running sequence is preempted: its blocks are freed and it goes back to the front of
+the waiting queue, to be recomputed (prompt and tokens generated so far) when blocks are free again.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from m2flow.rollout.block_manager import BlockManager
+from m2flow.rollout.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        need = seq.num_blocks(self.blocks.block_size) + 1
+        if need > len(self.blocks.blocks):
+            raise ValueError(f"a sequence of {len(seq)} tokens needs {need} KV blocks but the cache has only "
+                             f"{len(self.blocks.blocks)}: raise rollout.kv_cache_gb or shorten the prompts")
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """(sequences of the next step, whether it is a prefill step)."""
+        scheduled, num_tokens = [], 0
+        while self.waiting and len(self.running) + len(scheduled) < self.max_num_seqs:
+            seq = self.waiting[0]
+            new_tokens = len(seq) - len(self.blocks.cached_prefix(seq)) * self.blocks.block_size
+            if not self.blocks.can_allocate(seq) or (scheduled and num_tokens + new_tokens > self.max_num_batched_tokens):
+                break
+            self.blocks.allocate(seq)
+            num_tokens += new_tokens
+            seq.status = Status.RUNNING
+            scheduled.append(self.waiting.popleft())
+        if scheduled:
+            self.running.extend(scheduled)
+            return scheduled, True
+
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below while making room for an older sequence
+            while not self.blocks.can_append(seq):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.append_slot(seq)
+                scheduled.append(seq)
+        return scheduled, False
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.blocks.free(seq)
+        self.running.remove(seq)

@@ -1,0 +1,235 @@
+"""m2flow's own engine against HF: greedy tokens, logprobs, batching / prefix sharing / preemption
+invariance, seeds, finish reasons, weight updates and sleep/wake."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from m2flow.batch import RolloutBatch
+from m2flow.rollout import HFEngine, SamplingParams
+from m2flow.rollout.engine import Engine, EngineConfig
+from m2flow.training.checkpoint import save_hf_checkpoint
+from m2flow.training.forward import response_logits, token_logprobs
+
+STOP_RANGE = list(range(100, 140))
+
+
+@pytest.fixture(scope="module")
+def hf_model(micro_config):
+    """A random micro Qwen2 with a large init scale: peaked, varied next-token distributions, so greedy
+    outputs differ between prompts and stop at EOS at different lengths."""
+    from m2flow.models.tiny import make_tiny_model
+
+    cfg = copy.deepcopy(micro_config)
+    cfg.initializer_range = 0.25
+    torch.set_num_threads(1)
+    return make_tiny_model(cfg, seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_model, tokenizer, tmp_path_factory):
+    return save_hf_checkpoint(str(tmp_path_factory.mktemp("micro") / "model"), hf_model.config,
+                              hf_model.state_dict(), tokenizer)
+
+
+def make_engine(model_dir: str, **config) -> Engine:
+    return Engine.from_pretrained(model_dir, EngineConfig(**config))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return make_engine(model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(chat_prompts, tokenizer):
+    out = chat_prompts(56, seed=4)
+    lengths = {len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in out}
+    assert len(lengths) >= 10, "prompts of varied lengths"
+    return out
+
+
+def _tokens(samples):
+    return [s.token_ids for s in samples]
+
+
+def _trainer_logprobs(model, samples, tokenizer, temperature):
+    batch = RolloutBatch.from_samples(samples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = response_logits(model, batch.input_ids, batch.attention_mask, batch.response_mask.shape[1])
+        lp = token_logprobs(logits, batch.input_ids[:, batch.prompt_width :], temperature)
+    mask = batch.response_mask.bool()
+    return lp[mask], batch.rollout_logprobs[mask]
+
+
+def test_greedy_matches_hf_generate(engine, hf_model, tokenizer, prompts):
+    params = SamplingParams(temperature=0.0, max_new_tokens=24)
+    ours = engine.generate(prompts, params)
+    ref = HFEngine(hf_model, tokenizer).generate(prompts, params)
+    assert len(ours) == len(prompts) >= 50
+    assert _tokens(ours) == _tokens(ref)
+    assert [s.finish_reason for s in ours] == [s.finish_reason for s in ref]
+    # the test is not vacuous: outputs differ between prompts and some stop at EOS
+    assert len({tuple(t) for t in _tokens(ours)}) > len(prompts) // 2
+    assert {s.finish_reason for s in ours} == {"stop", "length"}
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.7, 1.0, 0), (1.0, 0.9, 20)])
+def test_logprobs_match_trainer_forward(engine, hf_model, tokenizer, prompts, temperature, top_p, top_k):
+    """Behaviour logprobs are log softmax(logits / T) of the full distribution (before top-p / top-k)."""
+    params = SamplingParams(n=3, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=16, seed=2)
+    samples = engine.generate(prompts[:12], params)
+    trainer, rollout = _trainer_logprobs(hf_model, samples, tokenizer, temperature)
+    assert rollout.numel() > 100
+    torch.testing.assert_close(rollout, trainer, atol=1e-4, rtol=0)
+
+
+def test_top_k_and_top_p_restrict_the_sampled_tokens(engine, hf_model, tokenizer, prompts):
+    """With top_k = 1 sampling is greedy; a tiny top_p keeps only the most likely token as well."""
+    greedy = engine.generate(prompts[:8], SamplingParams(temperature=0.0, max_new_tokens=10))
+    for params in (SamplingParams(temperature=1.0, top_k=1, max_new_tokens=10, seed=0),
+                   SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=10, seed=0)):
+        assert _tokens(engine.generate(prompts[:8], params)) == _tokens(greedy)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_results_do_not_depend_on_batching_prefix_sharing_or_preemption(model_dir, prompts, temperature):
+    params = SamplingParams(n=4, temperature=temperature, max_new_tokens=20, seed=9)
+    reference = make_engine(model_dir).generate(prompts[:10], params)
+    variants = {
+        "no prefix sharing": dict(prefix_caching=False),
+        "one sequence at a time": dict(max_num_seqs=1),
+        "small prefill budget": dict(max_num_batched_tokens=40, block_size=4),
+    }
+    for name, config in variants.items():
+        out = make_engine(model_dir, **config).generate(prompts[:10], params)
+        assert _tokens(out) == _tokens(reference), name
+    # a KV budget of a few sequences forces preemption and recomputation
+    tiny = make_engine(model_dir, block_size=4, kv_cache_gb=40 * 4 * 256 / 2**30)  # 256 B of KV per token
+    assert tiny.num_blocks == 40
+    out = tiny.generate(prompts[:10], params)
+    assert tiny.scheduler.num_preemptions > 0
+    assert _tokens(out) == _tokens(reference)
+    for a, b in zip(out, reference):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    # other batch compositions: more prompts in the same call (seeds follow the prompt's index in the call)
+    more = make_engine(model_dir).generate(prompts[:16], params)
+    assert _tokens(more[:40]) == _tokens(reference)
+    if temperature == 0:  # greedy does not depend on the order either
+        backwards = make_engine(model_dir).generate(prompts[:10][::-1], params)
+        assert _tokens(backwards) == [t for i in range(9, -1, -1) for t in _tokens(reference)[4 * i : 4 * i + 4]]
+
+
+def test_same_seed_same_samples(engine, prompts):
+    def run(seed):
+        return engine.generate(prompts[:6], SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=seed))
+
+    a, b, c = run(1), run(1), run(2)
+    assert _tokens(a) == _tokens(b) and [s.logprobs for s in a] == [s.logprobs for s in b]
+    assert _tokens(a) != _tokens(c)
+    # the n samples of a prompt differ from one another
+    assert len({tuple(s.token_ids) for s in a[:4]}) > 1
+
+
+def test_n_samples_share_the_prompt_blocks(model_dir, prompts, tokenizer):
+    engine = make_engine(model_dir, block_size=4)
+    ids = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    engine.generate([prompts[0]], SamplingParams(n=1, temperature=0.0, max_new_tokens=1))
+    before = engine.block_manager.num_free
+    engine.generate([prompts[0]], SamplingParams(n=1, temperature=0.0, max_new_tokens=1))
+    assert engine.block_manager.num_free == before  # everything freed after a call
+    # while 8 samples of one prompt run, the prompt's full blocks are held once, not 8 times
+    seqs = []
+    original_finish = engine.scheduler.finish
+
+    def spy(seq, reason):
+        seqs.append(list(seq.block_table))
+        original_finish(seq, reason)
+
+    engine.scheduler.finish = spy
+    engine.generate([prompts[0]], SamplingParams(n=8, temperature=1.0, max_new_tokens=3, seed=0, ignore_eos=True))
+    shared = (len(ids) - 1) // 4  # full blocks before the one holding the last prompt token
+    assert shared >= 2
+    assert all(t[:shared] == seqs[0][:shared] for t in seqs)
+    assert len({t[shared] for t in seqs}) == 8  # the block with the last prompt token is per sample
+
+
+def test_finish_reasons_and_stop_strings(engine, tokenizer, prompts):
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=8, seed=0, stop_token_ids=STOP_RANGE)
+    samples = engine.generate(prompts[:8], params)
+    stops = {tokenizer.eos_token_id, *STOP_RANGE}
+    assert {s.finish_reason for s in samples} == {"stop", "length"}
+    for s in samples:
+        assert not any(t in stops for t in s.token_ids[:-1])
+        assert len(s.logprobs) == len(s.token_ids)
+        if s.finish_reason == "length":
+            assert len(s.token_ids) == 8
+        else:
+            assert s.token_ids[-1] in stops
+        assert s.text == tokenizer.decode(s.token_ids, skip_special_tokens=True)
+    # stop strings: the response ends with the token that completes the string
+    free = engine.generate(prompts[:8], SamplingParams(temperature=0.0, max_new_tokens=24))
+    text = next(s.text for s in free if len(s.text) >= 6)
+    stop = text[3:5]
+    out = engine.generate(prompts[:8], SamplingParams(temperature=0.0, max_new_tokens=24, stop_strings=[stop]))
+    hit = [s for s in out if s.finish_reason == "stop" and stop in s.text]
+    assert hit
+    for s in hit:
+        assert stop not in tokenizer.decode(s.token_ids[:-1], skip_special_tokens=True)
+    # ignore_eos generates exactly max_new_tokens
+    fixed = engine.generate(prompts[:8], SamplingParams(temperature=1.0, max_new_tokens=9, seed=0, ignore_eos=True))
+    assert {len(s.token_ids) for s in fixed} == {9} and {s.finish_reason for s in fixed} == {"length"}
+
+
+def test_weight_update_in_place_drops_cached_prefixes(model_dir, micro_config, tokenizer, prompts, tmp_path):
+    from m2flow.models.tiny import make_tiny_model
+
+    other_cfg = copy.deepcopy(micro_config)
+    other_cfg.initializer_range = 0.25
+    other = make_tiny_model(other_cfg, seed=11).eval()
+    other_dir = save_hf_checkpoint(str(tmp_path / "other"), other.config, other.state_dict(), tokenizer)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=4)
+    engine = make_engine(model_dir)
+    engine.generate(prompts[:5], params)  # fills the prefix cache with the old weights' KV
+    cache_before = engine.runner.kv_cache.data_ptr()
+    engine.load_weights(other.state_dict(), policy_version=3)
+    out = engine.generate(prompts[:5], params)
+    expected = make_engine(other_dir).generate(prompts[:5], params)
+    assert _tokens(out) == _tokens(expected)
+    assert {s.policy_version for s in out} == {3}
+    assert engine.runner.kv_cache.data_ptr() == cache_before
+    # streamed buckets work too, and bad names / shapes are refused
+    engine.load_weights(iter(list(other.state_dict().items())[:3]), policy_version=4)
+    with pytest.raises(ValueError, match="does not belong"):
+        engine.load_weights({"model.nope.weight": torch.zeros(1)}, policy_version=5)
+    with pytest.raises(ValueError, match="shape"):
+        engine.load_weights({"model.norm.weight": torch.zeros(3)}, policy_version=5)
+
+
+def test_sleep_frees_the_kv_cache_and_wake_restores(model_dir, prompts):
+    engine = make_engine(model_dir)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=1)
+    before = engine.generate(prompts[:4], params)
+    engine.sleep()
+    assert engine.runner.kv_cache is None
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(prompts[:4], params)
+    engine.wake()
+    assert _tokens(engine.generate(prompts[:4], params)) == _tokens(before)
+
+
+def test_config_errors(model_dir, prompts, tokenizer):
+    with pytest.raises(ValueError, match="kv_cache_gb"):
+        make_engine(model_dir, kv_cache_gb=1e-9)
+    engine = make_engine(model_dir, max_model_len=16)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.generate(["x" * 40], SamplingParams())
+    # a response stops at max_model_len
+    short = tokenizer.decode(tokenizer(prompts[0], add_special_tokens=False)["input_ids"][:10])
+    out = engine.generate([short], SamplingParams(temperature=1.0, max_new_tokens=50, seed=0, ignore_eos=True))
+    assert len(out[0].prompt_ids) + len(out[0].token_ids) == 16 and out[0].finish_reason == "length"
