@@ -18,6 +18,11 @@ then key=value overrides, e.g. `m2flow train --config configs/tiny_math_grpo.yam
 Every option is documented in m2flow/config.py and docs/configuration.md."""
 
 
+BENCH_ROLLOUT_HELP = """Rollout throughput: m2flow's engine vs transformers generate on the same prompts, both
+generating exactly --new-tokens tokens per sequence, at each batch size. Prints tokens/s and the ratio (and
+on GPU the decode step against the memory-bandwidth bound) and writes benchmarks/results/rollout-<device>-<preset>.json."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m2flow", description="RL post-training of LLMs for reasoning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +32,22 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--config", help="YAML experiment file (e.g. configs/tiny_math_grpo.yaml)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=20")
         p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    bench = sub.add_parser("bench", help="benchmarks against baselines measured in the same run",
+                           description="Benchmarks that print ratios against a baseline measured in the same run.")
+    bench_sub = bench.add_subparsers(dest="target", required=True)
+    b = bench_sub.add_parser("rollout", help=BENCH_ROLLOUT_HELP.split("\n")[0], description=BENCH_ROLLOUT_HELP)
+    b.add_argument("--preset", default="tiny", choices=["tiny", "qwen2.5-1.5b"],
+                   help="model architecture, random weights (default: tiny, the demo's model)")
+    b.add_argument("--batch-sizes", default="1,16,64,256", help="comma-separated batch sizes (default: 1,16,64,256)")
+    b.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence (default: 128)")
+    b.add_argument("--prompt-tokens", type=int, default=0,
+                   help="random prompts of this many tokens (default 0: the synthetic math chat prompts)")
+    b.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
+    b.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    b.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
+    b.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
+    b.add_argument("--hf-max-batch", type=int, default=1 << 30, help="run the HF baseline only up to this batch")
+    b.add_argument("--out-dir", default="benchmarks/results", help="where the JSON result goes")
     args = parser.parse_args(argv)
     for key, value in {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
                        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "disabled"}.items():
@@ -36,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "transformers", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "bench":
+        return _bench(args)
     try:
         cfg = load_config(getattr(args, "config", None), args.overrides)
     except ConfigError as e:
@@ -47,6 +70,24 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = run(cfg, progress=not args.no_progress)
     print_summary(summary)
+    return 0
+
+
+def _bench(args) -> int:
+    import torch
+
+    from m2flow.bench.rollout import run_benchmark
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+    print(f"m2flow bench rollout: preset {args.preset}, {dtype} on {device} ({torch.get_num_threads()} threads), "
+          f"{args.new_tokens} new tokens per sequence")
+    result = run_benchmark(args.preset, sizes, args.new_tokens, args.prompt_tokens, dtype, device,
+                           compare_hf=not args.no_hf, hf_max_batch=args.hf_max_batch, out_dir=args.out_dir)
+    print(f"wrote {result['path']}")
     return 0
 
 

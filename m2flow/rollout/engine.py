@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from m2flow.rollout.block_manager import BlockManager
-from m2flow.rollout.model import CausalLM, ModelArgs, rope_inv_freq
+from m2flow.rollout.model import PACKED, CausalLM, ModelArgs, rope_inv_freq, shard_sizes
 from m2flow.rollout.model_runner import ModelRunner, kv_bytes_per_token
 from m2flow.rollout.scheduler import Scheduler
 from m2flow.rollout.sequence import SeqParams, Sequence, Status
@@ -49,11 +49,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torc
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
-    with torch.device("meta"):
-        model = CausalLM(args)
-    model = model.to_empty(device=device).to(dtype)
-    model.tie_weights()  # to_empty made the tied head a separate tensor
-    model.inv_freq = rope_inv_freq(args).to(device)  # float32 whatever the weights' dtype (meta had none)
+    model = empty_model(args, dtype, device)
 
     def tensors():
         for name in files:
@@ -65,28 +61,70 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torc
     return model.eval().requires_grad_(False)
 
 
+def empty_model(args: ModelArgs, dtype: torch.dtype, device) -> CausalLM:
+    """A CausalLM with uninitialised weights (to be loaded), allocated once on `device`."""
+    with torch.device("meta"):
+        model = CausalLM(args)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()  # to_empty made the tied head a separate tensor
+    model.inv_freq = rope_inv_freq(args).to(device)  # float32 whatever the weights' dtype (meta had none)
+    return model
+
+
 @torch.no_grad()
 def load_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = False) -> int:
-    """Copies tensors into `model`'s parameters by HF name, in place (no reallocation), one at a time, so
-    callers can stream buckets. `lm_head.weight` is skipped when tied. With `strict`, every parameter must be
-    given. Returns how many tensors were loaded; an unknown name or a shape mismatch raises."""
+    """Copies tensors named as in HF checkpoints into `model`'s parameters, in place (no reallocation),
+    one at a time, so callers can stream buckets: q/k/v and gate/up go to their rows of the fused
+    projections (see model.PACKED). `lm_head.weight` is skipped when tied. With `strict`, every weight
+    must be given. Returns how many tensors were loaded; an unknown name or a shape mismatch raises."""
     params = dict(model.named_parameters())
     tied = model.args.tie_word_embeddings
+    expected = {name for name in _hf_names(model) if not (tied and name == "lm_head.weight")}
     loaded = set()
     for name, tensor in weights:
         if tied and name == "lm_head.weight":
             continue
-        if name not in params:
-            raise ValueError(f"weight {name!r} does not belong to the model (e.g. {next(iter(params))!r})")
-        if params[name].shape != tensor.shape:
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, the model expects "
-                             f"{tuple(params[name].shape)}")
-        params[name].copy_(tensor)
+        if name not in expected:
+            raise ValueError(f"weight {name!r} does not belong to the model (e.g. {next(iter(sorted(expected)))!r})")
+        target = _target(model, params, name)
+        if target.shape != tensor.shape:
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
+        target.copy_(tensor)
         loaded.add(name)
-    missing = [n for n in params if n not in loaded and not (tied and n == "lm_head.weight")]
+    missing = sorted(expected - loaded)
     if strict and missing:
         raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
     return len(loaded)
+
+
+def _split(name: str) -> tuple[str, str, str] | None:
+    """'model.layers.0.self_attn.q_proj.weight' -> ('model.layers.0.self_attn.', 'q_proj', 'weight')."""
+    prefix, _, rest = name.rpartition(".")[0].rpartition(".")
+    return (prefix + ".", rest, name.rpartition(".")[2]) if rest in PACKED else None
+
+
+def _target(model: CausalLM, params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The parameter (or the rows of a fused parameter) that HF weight `name` maps to."""
+    parts = _split(name)
+    if parts is None:
+        return params[name]
+    prefix, proj, kind = parts
+    fused, shard = PACKED[proj]
+    sizes = shard_sizes(model.args, fused)
+    return params[f"{prefix}{fused}.{kind}"].narrow(0, sum(sizes[:shard]), sizes[shard])
+
+
+def _hf_names(model: CausalLM) -> list[str]:
+    """The HF checkpoint names of `model`'s weights (fused parameters expanded into their parts)."""
+    inverse: dict[str, list[str]] = {}
+    for proj, (fused, _) in PACKED.items():
+        inverse.setdefault(fused, []).append(proj)
+    names = []
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        prefix, _, kind = name.rpartition(".")
+        head, _, module = prefix.rpartition(".")
+        names += [f"{head}.{p}.{kind}" for p in inverse[module]] if module in inverse else [name]
+    return names
 
 
 class Engine:
@@ -111,6 +149,14 @@ class Engine:
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(load_model(path, getattr(torch, dtype), device), tokenizer, config)
+
+    @classmethod
+    def from_model(cls, hf_model, tokenizer, config: EngineConfig | None = None) -> "Engine":
+        """An engine holding a copy of a transformers model's weights (e.g. of a model being trained)."""
+        p = next(hf_model.parameters())
+        model = empty_model(ModelArgs.from_hf(hf_model.config.to_dict()), p.dtype, p.device)
+        load_weights(model, hf_model.state_dict().items(), strict=True)
+        return cls(model, tokenizer, config)
 
     def _num_blocks(self) -> int:
         c = self.config

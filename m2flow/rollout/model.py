@@ -1,7 +1,8 @@
 """The Qwen2 / Llama decoder written as plain layers over a paged KV cache.
 
-Parameter names are the Hugging Face ones (``model.layers.0.self_attn.q_proj.weight``...), so checkpoints
-and trainer weight updates load by name with no mapping. Tokens are flat (``[N]``, all sequences of a
+Parameter names follow Hugging Face's (``model.layers.0.self_attn.o_proj.weight``...), except that q/k/v
+and gate/up are fused into one matmul each (``qkv_proj``, ``gate_up_proj``); ``PACKED`` says where each
+HF weight goes, and ``load_weights`` in engine.py applies it. Tokens are flat (``[N]``, all sequences of a
 step concatenated); attention gathers each sequence's keys and values from the block cache through
 ``AttentionInputs`` built by the model runner.
 """
@@ -89,6 +90,20 @@ class AttentionInputs:
     mask: torch.Tensor
 
 
+# HF weight name part -> (our fused parameter name part, shard index); shard sizes come from ModelArgs.
+PACKED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+def shard_sizes(args: ModelArgs, fused: str) -> list[int]:
+    """Row sizes of the shards of a fused projection, in shard-index order."""
+    if fused == "qkv_proj":
+        return [args.num_heads * args.head_dim] + [args.num_kv_heads * args.head_dim] * 2
+    return [args.intermediate_size] * 2
+
+
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Rotary inverse frequencies [head_dim / 2], with the scaling variants of Qwen2.5 / Llama 3.x."""
     dim = args.head_dim
@@ -118,10 +133,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # normalised in float32, rounded to the input dtype, then scaled: the order transformers uses
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -135,9 +148,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         bias = args.qkv_bias
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.q_size, self.kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
         # [num_blocks * block_size, H_kv, D] views of this layer's cache, set by the model runner
         self.k_cache = self.v_cache = torch.empty(0)
@@ -152,9 +164,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         n = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim), cos, sin)  # one rotation
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         self.k_cache.index_copy_(0, attn.slot_mapping, k.to(self.k_cache.dtype))
         self.v_cache.index_copy_(0, attn.slot_mapping, v.to(self.v_cache.dtype))
         keys, values = self._gather(self.k_cache, attn.block_tables), self._gather(self.v_cache, attn.block_tables)
@@ -184,12 +197,12 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         bias = args.mlp_bias
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=bias)
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

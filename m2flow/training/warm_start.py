@@ -18,7 +18,7 @@ from m2flow.data.templates import format_prompt
 from m2flow.data.tokenizer import build_tokenizer
 from m2flow.eval import evaluate
 from m2flow.models.tiny import make_tiny_model, num_parameters, tiny_qwen2_config
-from m2flow.rollout import HFEngine, SamplingParams
+from m2flow.rollout import Engine, EngineConfig, SamplingParams
 from m2flow.training.checkpoint import save_hf_checkpoint
 from m2flow.training.sft import sft_train
 
@@ -57,7 +57,6 @@ def ensure_base_model(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = make_tiny_model(hf_config, seed=base.seed)
-    engine = HFEngine(model, tokenizer, batch_size=len(held_out) or 1)
     prompts = [format_prompt(p.question, tokenizer, template) for p in held_out]
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     check_step = max(1, int(base.sft_steps * base.plateau_check_fraction))
@@ -66,6 +65,7 @@ def ensure_base_model(
     def on_step(step: int, loss: float) -> None:
         if step == check_step or step == base.sft_steps:
             model.eval()
+            engine = Engine.from_model(model, tokenizer, EngineConfig(max_num_seqs=max(len(held_out), 1)))
             curve[step] = evaluate(engine.generate, held_out, prompts, greedy).accuracy
             model.train()
 

@@ -1,0 +1,171 @@
+"""`m2flow bench rollout`: m2flow's engine against transformers `generate`, same prompts, same lengths.
+
+Both engines generate exactly `--new-tokens` tokens per sequence (EOS ignored) from the same prompts at
+each batch size; the table reports generated tokens per second (prefill included) and the ratio. On a
+GPU it also reports the decode step time against the memory-bandwidth bound: the bytes a decode step must
+read (weights + the KV cache of every sequence) over the HBM bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from m2flow.rollout import Engine, EngineConfig, HFEngine, SamplingParams
+from m2flow.rollout.model_runner import kv_bytes_per_token
+
+# Architectures with random weights (no download): the tiny default, and Qwen2.5-1.5B's.
+PRESETS = {
+    "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384),
+    "qwen2.5-1.5b": dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960,
+                         vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=True),
+}
+
+
+@dataclass
+class Row:
+    batch_size: int
+    prompt_tokens: int  # per sequence (mean)
+    new_tokens: int  # per sequence
+    ours_tokens_per_s: float
+    hf_tokens_per_s: float | None
+    ratio: float | None
+    ours_decode_step_ms: float | None = None  # GPU: mean decode step time
+    bandwidth_bound_step_ms: float | None = None  # GPU: bytes read per decode step / measured bandwidth
+    bandwidth_fraction: float | None = None  # bound / measured (1.0 = at the memory-bandwidth limit)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device).replace(" ", "-").lower()
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def build_model_dir(preset: str, dtype: str, seed: int = 0) -> tuple[str, object]:
+    """An HF model directory with random weights of the preset architecture (and the project tokenizer)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from m2flow.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    spec = dict(PRESETS[preset])
+    vocab = spec.pop("vocab_size", len(tokenizer))
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
+                      num_hidden_layers=spec["num_layers"], num_attention_heads=spec["num_heads"],
+                      num_key_value_heads=spec["num_kv_heads"], rope_theta=spec.get("rope_theta", 10000.0),
+                      max_position_embeddings=spec.get("max_position_embeddings", 4096),
+                      tie_word_embeddings=spec.get("tie_word_embeddings", True),
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      architectures=["Qwen2ForCausalLM"])
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg).to(getattr(torch, dtype))
+    path = os.path.join(tempfile.mkdtemp(prefix="m2flow-bench-"), preset)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+def prompt_ids(tokenizer, batch_size: int, prompt_tokens: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Synthetic chat prompts (tiny model), or random token prompts of `prompt_tokens` tokens."""
+    if prompt_tokens <= 0:
+        from m2flow.data.synthetic import make_splits
+        from m2flow.data.templates import format_prompt
+
+        problems = make_splits({"p": batch_size}, seed=seed)["p"]
+        return [tokenizer(format_prompt(p.question, tokenizer), add_special_tokens=False)["input_ids"] for p in problems]
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(2, min(vocab, 250), (batch_size, prompt_tokens), generator=gen).tolist()
+
+
+def measure_bandwidth(device: str, gib: float = 1.0) -> float:
+    """Device memory bandwidth in bytes/s: a large copy reads and writes every byte once."""
+    n = int(gib * (1 << 30)) // 4
+    src, dst = torch.empty(n, device=device), torch.empty(n, device=device)
+    dst.copy_(src)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    sync()
+    return 5 * 2 * n * 4 / (time.perf_counter() - start)
+
+
+def _time(fn, device: str) -> float:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens: int = 128,
+                  prompt_tokens: int = 0, dtype: str = "float32", device: str = "cpu", compare_hf: bool = True,
+                  hf_max_batch: int = 1 << 30, out_dir: str = "benchmarks/results", log=print) -> dict:
+    path, tokenizer = build_model_dir(preset, dtype)
+    max_batch = max(batch_sizes)
+    longest = (prompt_tokens or 64) + new_tokens
+    engine = Engine.from_pretrained(path, EngineConfig(max_num_seqs=max_batch, max_model_len=longest + 16),
+                                    dtype=dtype, device=device)
+    hf = None
+    if compare_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+        hf = HFEngine(hf_model, tokenizer, batch_size=max_batch)
+    params = SamplingParams(n=1, temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True, seed=0)
+    args = engine.model.args
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    bandwidth = measure_bandwidth(device) if device.startswith("cuda") else None
+    rows = []
+    for b in batch_sizes:
+        ids = prompt_ids(tokenizer, b, prompt_tokens, args.vocab_size)
+        prompts = [tokenizer.decode(t) for t in ids]
+        engine.generate_ids(ids[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+        ours_s = _time(lambda: engine.generate_ids(ids, params), device)
+        total = b * new_tokens
+        row = Row(b, round(sum(map(len, ids)) / b), new_tokens, total / ours_s, None, None)
+        if hf is not None and b <= hf_max_batch:
+            hf.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))
+            hf_s = _time(lambda: hf.generate(prompts, params), device)
+            row.hf_tokens_per_s, row.ratio = total / hf_s, hf_s / ours_s
+        if bandwidth:  # decode only: time of `new_tokens` decode steps minus one prefill-only call
+            prefill_s = _time(lambda: engine.generate_ids(ids, SamplingParams(max_new_tokens=1, ignore_eos=True)),
+                              device)
+            step_s = (ours_s - prefill_s) / max(new_tokens - 1, 1)
+            mean_context = row.prompt_tokens + new_tokens / 2
+            kv_read = b * mean_context * kv_bytes_per_token(engine.model, next(engine.model.parameters()).dtype)
+            bound_s = (weight_bytes + kv_read) / bandwidth
+            row.ours_decode_step_ms, row.bandwidth_bound_step_ms = step_s * 1e3, bound_s * 1e3
+            row.bandwidth_fraction = bound_s / step_s
+        rows.append(row)
+        log(format_row(row))
+    result = {
+        "device": device_name(device), "preset": preset, "dtype": dtype, "threads": torch.get_num_threads(),
+        "parameters": sum(p.numel() for p in engine.model.parameters()), "weight_bytes": weight_bytes,
+        "bandwidth_bytes_per_s": bandwidth, "rows": [asdict(r) for r in rows],
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, f"rollout-{result['device']}-{preset}.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(out + ".tmp", out)
+    result["path"] = out
+    return result
+
+
+def format_row(r: Row) -> str:
+    hf = f"{r.hf_tokens_per_s:10.0f}" if r.hf_tokens_per_s else f"{'-':>10}"
+    ratio = f"{r.ratio:6.2f}x" if r.ratio else f"{'-':>7}"
+    line = f"batch {r.batch_size:4d}  m2flow {r.ours_tokens_per_s:10.0f} tok/s  hf {hf} tok/s  ratio {ratio}"
+    if r.bandwidth_fraction is not None:
+        line += (f"  decode step {r.ours_decode_step_ms:.2f} ms, bandwidth bound {r.bandwidth_bound_step_ms:.2f} ms "
+                 f"({100 * r.bandwidth_fraction:.0f}% of the limit)")
+    return line
