@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
     b.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     b.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
+    b.add_argument("--model", default="", help="benchmark this HF model directory instead of a preset")
+    b.add_argument("--n", type=int, default=1, help="samples per prompt (batch sizes count sequences; default 1)")
+    b.add_argument("--stop-at-eos", action="store_true",
+                   help="end sequences at EOS (ragged lengths, as in RL) instead of exactly --new-tokens")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     b.add_argument("--hf-max-batch", type=int, default=1 << 30, help="run the HF baseline only up to this batch")
     b.add_argument("--out-dir", default="benchmarks/results", help="where the JSON result goes")
@@ -83,10 +87,12 @@ def _bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = tuple(int(x) for x in args.batch_sizes.split(","))
-    print(f"m2flow bench rollout: preset {args.preset}, {dtype} on {device} ({torch.get_num_threads()} threads), "
-          f"{args.new_tokens} new tokens per sequence")
+    print(f"m2flow bench rollout: {args.model or 'preset ' + args.preset}, {dtype} on {device} "
+          f"({torch.get_num_threads()} threads), {args.n} sample(s) per prompt, "
+          f"{'up to' if args.stop_at_eos else 'exactly'} {args.new_tokens} new tokens per sequence")
     result = run_benchmark(args.preset, sizes, args.new_tokens, args.prompt_tokens, dtype, device,
-                           compare_hf=not args.no_hf, hf_max_batch=args.hf_max_batch, out_dir=args.out_dir)
+                           compare_hf=not args.no_hf, hf_max_batch=args.hf_max_batch, out_dir=args.out_dir,
+                           model_path=args.model, n=args.n, stop_at_eos=args.stop_at_eos)
     print(f"wrote {result['path']}")
     return 0
 

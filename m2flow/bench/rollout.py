@@ -32,7 +32,7 @@ PRESETS = {
 class Row:
     batch_size: int
     prompt_tokens: int  # per sequence (mean)
-    new_tokens: int  # per sequence
+    new_tokens: int  # per sequence (mean, m2flow's run)
     ours_tokens_per_s: float
     hf_tokens_per_s: float | None
     ratio: float | None
@@ -108,8 +108,17 @@ def _time(fn, device: str) -> float:
 
 def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens: int = 128,
                   prompt_tokens: int = 0, dtype: str = "float32", device: str = "cpu", compare_hf: bool = True,
-                  hf_max_batch: int = 1 << 30, out_dir: str = "benchmarks/results", log=print) -> dict:
-    path, tokenizer = build_model_dir(preset, dtype)
+                  hf_max_batch: int = 1 << 30, out_dir: str = "benchmarks/results", model_path: str = "",
+                  n: int = 1, stop_at_eos: bool = False, log=print) -> dict:
+    """`batch_sizes` count sequences: batch // n prompts, n samples each. With `stop_at_eos` sequences end
+    at EOS (the RL setting: ragged lengths); the default generates exactly `new_tokens` per sequence."""
+    if model_path:
+        from transformers import AutoTokenizer
+
+        path, tokenizer, preset = model_path, AutoTokenizer.from_pretrained(model_path), os.path.basename(
+            model_path.rstrip("/"))
+    else:
+        path, tokenizer = build_model_dir(preset, dtype)
     max_batch = max(batch_sizes)
     longest = (prompt_tokens or 64) + new_tokens
     engine = Engine.from_pretrained(path, EngineConfig(max_num_seqs=max_batch, max_model_len=longest + 16),
@@ -120,22 +129,26 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
 
         hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
         hf = HFEngine(hf_model, tokenizer, batch_size=max_batch)
-    params = SamplingParams(n=1, temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True, seed=0)
+    params = SamplingParams(n=n, temperature=1.0, max_new_tokens=new_tokens, ignore_eos=not stop_at_eos, seed=0)
     args = engine.model.args
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     bandwidth = measure_bandwidth(device) if device.startswith("cuda") else None
     rows = []
     for b in batch_sizes:
-        ids = prompt_ids(tokenizer, b, prompt_tokens, args.vocab_size)
+        ids = prompt_ids(tokenizer, max(b // n, 1), prompt_tokens, args.vocab_size)
         prompts = [tokenizer.decode(t) for t in ids]
         engine.generate_ids(ids[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
-        ours_s = _time(lambda: engine.generate_ids(ids, params), device)
-        total = b * new_tokens
-        row = Row(b, round(sum(map(len, ids)) / b), new_tokens, total / ours_s, None, None)
+        out = []
+        ours_s = _time(lambda: out.append(engine.generate_ids(ids, params)), device)
+        total = sum(len(s.token_ids) for s in out[0])
+        row = Row(b, round(sum(map(len, ids)) / len(ids)), round(total / len(out[0])), total / ours_s, None, None)
         if hf is not None and b <= hf_max_batch:
             hf.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))
-            hf_s = _time(lambda: hf.generate(prompts, params), device)
-            row.hf_tokens_per_s, row.ratio = total / hf_s, hf_s / ours_s
+            ref = []
+            hf_s = _time(lambda: ref.append(hf.generate(prompts, params)), device)
+            hf_total = sum(len(s.token_ids) for s in ref[0])  # differs from ours only with stop_at_eos
+            row.hf_tokens_per_s = hf_total / hf_s
+            row.ratio = row.ours_tokens_per_s / row.hf_tokens_per_s
         if bandwidth:  # decode only: time of `new_tokens` decode steps minus one prefill-only call
             prefill_s = _time(lambda: engine.generate_ids(ids, SamplingParams(max_new_tokens=1, ignore_eos=True)),
                               device)
@@ -149,11 +162,13 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
         log(format_row(row))
     result = {
         "device": device_name(device), "preset": preset, "dtype": dtype, "threads": torch.get_num_threads(),
+        "samples_per_prompt": n, "stop_at_eos": stop_at_eos,
         "parameters": sum(p.numel() for p in engine.model.parameters()), "weight_bytes": weight_bytes,
         "bandwidth_bytes_per_s": bandwidth, "rows": [asdict(r) for r in rows],
     }
     os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, f"rollout-{result['device']}-{preset}.json")
+    scenario = f"-n{n}-eos" if stop_at_eos else (f"-n{n}" if n > 1 else "")
+    out = os.path.join(out_dir, f"rollout-{result['device']}-{preset}{scenario}.json")
     with open(out + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
     os.replace(out + ".tmp", out)

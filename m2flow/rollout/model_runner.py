@@ -25,9 +25,9 @@ class ModelRunner:
         self.allocate_kv()
 
     def allocate_kv(self) -> None:
-        """[2, layers, slots, H_kv, D]; each attention layer gets views of its K and V slabs."""
+        """[2, layers, H_kv, slots, D]; each attention layer gets views of its K and V slabs."""
         a = self.model.args
-        shape = (2, a.num_layers, self.num_blocks * self.block_size, a.num_kv_heads, a.head_dim)
+        shape = (2, a.num_layers, a.num_kv_heads, self.num_blocks * self.block_size, a.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
@@ -75,10 +75,10 @@ class ModelRunner:
             input_ids = self._tensor([s.token_ids[-1] for s in seqs])
             slot_mapping = self._slots(tables, positions[:, None]).squeeze(1)
             query_index = None
-            allowed = (context[None, :] < lengths[:, None])[:, None]
+            allowed = (context[None, :] < lengths[:, None])[:, None]  # [B, 1, K]
             last = None
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
-        attn = AttentionInputs(slot_mapping, tables, query_index, mask[:, None])
+        attn = AttentionInputs(slot_mapping, tables, query_index, mask)
         hidden = self.model(input_ids, positions, attn)
         logits = self.model.logits(hidden if last is None else hidden[last])
         params = [s.params for s in seqs]

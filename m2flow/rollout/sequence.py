@@ -25,7 +25,7 @@ class SeqParams:
     seed: int  # 0 <= seed < 2**32; drives this sequence's sampling noise
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field equality (queues remove sequences by identity)
 class Sequence:
     id: int
     token_ids: list[int]  # prompt followed by the generated tokens
