@@ -23,6 +23,8 @@ class RolloutBatch:
     advantages: Optional[torch.Tensor] = None  # [B] or [B, T]
     old_logprobs: Optional[torch.Tensor] = None  # [B, T] trainer logprobs before the update
     ref_logprobs: Optional[torch.Tensor] = None  # [B, T] reference model logprobs
+    values: Optional[torch.Tensor] = None  # [B, T] critic values before the update (algorithm.advantage=gae)
+    returns: Optional[torch.Tensor] = None  # [B, T] the critic's regression targets (GAE advantages + values)
 
     @property
     def prompt_width(self) -> int:
@@ -49,6 +51,31 @@ class RolloutBatch:
             rollout_logprobs[i, :t] = torch.tensor(s.logprobs)
         group_ids = torch.tensor([s.prompt_index for s in samples], dtype=torch.long)
         return cls(input_ids, attention_mask, response_mask, rollout_logprobs, group_ids)
+
+    @classmethod
+    def concat(cls, batches: list["RolloutBatch"], pad_token_id: int) -> "RolloutBatch":
+        """The rows of `batches` stacked in order, re-padded to the widest prompt (left) and response (right).
+        A field is kept only if every batch has it. Group ids are kept as they are: give each batch its own."""
+        if len(batches) == 1:
+            return batches[0]
+        P = max(b.prompt_width for b in batches)
+        T = max(b.response_mask.shape[1] for b in batches)
+
+        def pad(b: "RolloutBatch", name: str, x: torch.Tensor) -> torch.Tensor:
+            if name in ("input_ids", "attention_mask"):
+                fill = pad_token_id if name == "input_ids" else 0
+                p, t = b.prompt_width, b.response_mask.shape[1]
+                return torch.nn.functional.pad(x, (P - p, T - t), value=fill)
+            if x.dim() == 2:  # [B, T] token tensors: right padding
+                return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=0)
+            return x
+
+        out = {}
+        for f in fields(cls):
+            parts = [getattr(b, f.name) for b in batches]
+            out[f.name] = None if any(x is None for x in parts) else torch.cat(
+                [pad(b, f.name, x) for b, x in zip(batches, parts)])
+        return cls(**out)
 
     def select(self, index: torch.Tensor | slice) -> "RolloutBatch":
         """The rows `index` of every tensor field."""

@@ -64,27 +64,41 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"  # generation engine: hf (transformers generate with KV cache)
+    backend: str = "m2flow"  # generation engine: m2flow (paged KV cache, continuous batching) | hf (transformers generate, the reference)
     n: int = 8  # samples per prompt (the GRPO group)
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling threshold (1.0 = off)
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 48  # response length cap
-    batch_size: int = 512  # sequences generated together
+    batch_size: int = 512  # sequences generated together (m2flow: most sequences decoding at once)
+    block_size: int = 16  # m2flow: tokens per KV cache block
+    kv_cache_gb: float = 0.0  # m2flow: KV cache budget in GiB; 0 = auto (kv_cache_fraction of free GPU memory, 1 GiB on CPU)
+    kv_cache_fraction: float = 0.3  # m2flow: share of free GPU memory for the KV cache when kv_cache_gb is 0
+    prefix_caching: bool = True  # m2flow: samples of a prompt (and repeated prefixes) share KV blocks
+    max_num_batched_tokens: int = 16384  # m2flow: prompt tokens computed in one prefill step
 
 
 @dataclass
 class AlgorithmConfig:
-    advantage: str = "grpo"  # advantage estimator (registry name)
+    advantage: str = "grpo"  # advantage estimator: grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline (registry names) or gae (PPO with a critic)
     norm_adv_by_std: bool = True  # GRPO: divide by the group's reward std
     policy_loss: str = "ppo_clip"  # policy loss (registry name)
     clip_ratio_low: float = 0.2  # PPO clip: lower bound is 1 - clip_ratio_low
     clip_ratio_high: float = 0.2  # PPO clip: upper bound is 1 + clip_ratio_high
     loss_agg: str = "token-mean"  # loss aggregation (registry name)
-    kl_coef: float = 0.0  # weight of KL(actor || reference) in the loss; 0 = no reference model
+    kl_coef: float = 0.0  # weight of KL(actor || reference) in the loss (or the reward, see kl_in_reward); 0 = no reference model
     kl_estimator: str = "k3"  # KL estimator (registry name)
     entropy_coef: float = 0.0  # entropy bonus weight
     filter_groups: bool = True  # drop groups whose rewards are all equal (zero advantage) before the update
+    clip_ratio_c: Optional[float] = None  # PPO dual-clip: cap the loss of negative-advantage tokens at -A * c (> 1, e.g. 3.0); null = off; not with gspo
+    tis_cap: Optional[float] = None  # truncated importance sampling: weight each token by min(exp(trainer - rollout engine logprobs), tis_cap) (e.g. 2.0); null = off
+    kl_in_reward: bool = False  # apply kl_coef * KL (kl_estimator) as a per-token reward penalty instead of a loss term (reinforce_pp, reinforce_pp_baseline, gae)
+    gamma: float = 1.0  # discount of per-token rewards (reinforce_pp returns, GAE)
+    lam: float = 1.0  # GAE lambda (bias/variance trade-off of the critic's advantages)
+    whiten_advantages: bool = False  # whiten the estimator's advantages over all valid tokens of the batch
+    value_clip: Optional[float] = None  # critic (gae): clip values to within this of their rollout-time values in the value loss; null = off
+    overlong_filter: bool = False  # mask truncated responses (finish reason "length") out of the loss
+    dynamic_sampling_max_tries: int = 1  # with filter_groups: generation rounds per step to fill train.prompts_per_step informative groups (DAPO dynamic sampling); 1 = no resampling
 
 
 @dataclass
@@ -92,6 +106,10 @@ class RewardConfig:
     name: str = "math"  # reward function (registry name)
     format_penalty: float = 0.0  # reward for a response with no extractable answer is -format_penalty
     timeout_s: float = 2.0  # per-response verification time limit
+    overlong_buffer: int = 0  # DAPO soft overlong punishment: penalty ramps up over the last this many tokens before rollout.max_new_tokens; 0 = off
+    overlong_penalty: float = 1.0  # soft overlong punishment at (and beyond) rollout.max_new_tokens
+    scale: float = 1.0  # multiply rewards (after the overlong punishment) by this
+    clip: Optional[float] = None  # clip scaled rewards to [-clip, clip]; null = off
 
 
 @dataclass
@@ -106,6 +124,17 @@ class TrainConfig:
     epochs: int = 1  # passes over the iteration's batch
     micro_batch_size: int = 128  # sequences per forward/backward (gradient accumulation below a mini-batch)
     fsdp: bool = True  # wrap the actor with FSDP2 (fully_shard) over the trainer's process group
+
+
+@dataclass
+class CriticConfig:
+    """The value model of PPO (algorithm.advantage=gae): the policy's transformer with a scalar value head,
+    trained with the actor's train.mini_batches / epochs / micro_batch_size / fsdp settings."""
+
+    lr: float = 1e-3  # critic learning rate (AdamW, constant after warmup)
+    warmup_steps: int = 0  # linear learning-rate warmup of the critic
+    weight_decay: float = 0.0  # critic AdamW weight decay
+    grad_clip: float = 1.0  # critic max gradient norm
 
 
 @dataclass
@@ -135,6 +164,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -145,8 +175,10 @@ class Config:
 DTYPES = ("float32", "bfloat16")  # supported model.dtype values
 PLACEMENTS = ("collocated",)  # implemented cluster.placement modes
 TEMPLATES = ("chat", "plain")  # prompt templates (m2flow.data.templates)
-ROLLOUT_BACKENDS = ("hf",)  # implemented rollout engines
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # advantage estimators that need several samples per prompt
+ROLLOUT_BACKENDS = ("m2flow", "hf")  # implemented rollout engines
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # estimators that need several samples per prompt
+CRITIC_ESTIMATORS = ("gae",)  # advantage estimators computed from a critic's values (not registry entries)
+TOKEN_REWARD_ESTIMATORS = ("reinforce_pp", "reinforce_pp_baseline", "gae")  # accept per-token rewards (KL in the reward)
 
 
 class ConfigError(ValueError):
@@ -184,10 +216,13 @@ def validate(cfg: Config) -> None:
           f"got {r.n}")
     check(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}")
     check(0 <= r.top_p <= 1, f"rollout.top_p must be in [0, 1], got {r.top_p}")
+    check(r.kv_cache_gb >= 0, f"rollout.kv_cache_gb must be >= 0 (0 = auto), got {r.kv_cache_gb}")
+    check(0 < r.kv_cache_fraction <= 1, f"rollout.kv_cache_fraction must be in (0, 1], got {r.kv_cache_fraction}")
     positive = {"train.steps": t.steps, "train.prompts_per_step": t.prompts_per_step,
                 "train.micro_batch_size": t.micro_batch_size, "rollout.max_new_tokens": r.max_new_tokens,
                 "eval.max_new_tokens": cfg.eval.max_new_tokens, "train.mini_batches": t.mini_batches,
-                "train.epochs": t.epochs, "rollout.batch_size": r.batch_size, "eval.batch_size": cfg.eval.batch_size}
+                "train.epochs": t.epochs, "rollout.batch_size": r.batch_size, "eval.batch_size": cfg.eval.batch_size,
+                "rollout.block_size": r.block_size, "rollout.max_num_batched_tokens": r.max_num_batched_tokens}
     for key, value in positive.items():
         check(value > 0, f"{key} must be positive, got {value}")
     for name in ("clip_ratio_low", "clip_ratio_high"):
@@ -200,13 +235,62 @@ def validate(cfg: Config) -> None:
     from m2flow.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
     from m2flow.rewards import REWARDS
 
-    for key, value, valid in [("algorithm.advantage", a.advantage, ADVANTAGE_ESTIMATORS.names()),
+    for key, value, valid in [("algorithm.advantage", a.advantage,
+                               sorted([*ADVANTAGE_ESTIMATORS.names(), *CRITIC_ESTIMATORS])),
                               ("algorithm.policy_loss", a.policy_loss, POLICY_LOSSES.names()),
                               ("algorithm.loss_agg", a.loss_agg, LOSS_AGGREGATIONS.names()),
                               ("algorithm.kl_estimator", a.kl_estimator, KL_ESTIMATORS.names()),
                               ("reward.name", cfg.reward.name, sorted(REWARDS)),
                               ("rollout.backend", r.backend, ROLLOUT_BACKENDS)]:
         check(value in valid, f"{key} must be one of {', '.join(valid)}; got {value!r}")
+    _validate_algorithm(cfg, check)
+
+
+def _validate_algorithm(cfg: Config, check) -> None:
+    """The algorithm, reward-shaping and critic combinations (issue 4)."""
+    a, rw, r, c = cfg.algorithm, cfg.reward, cfg.rollout, cfg.critic
+    check(a.kl_coef >= 0, f"algorithm.kl_coef must be >= 0 (0 = no KL, no reference model), got {a.kl_coef}")
+    check(a.filter_groups is False or r.n >= 2,
+          f"algorithm.filter_groups needs rollout.n >= 2 (a single sample per prompt is never an informative "
+          f"group, so every sample would be dropped), got rollout.n={r.n}; set algorithm.filter_groups=false")
+    if a.clip_ratio_c is not None:
+        check(a.policy_loss != "gspo",
+              "algorithm.clip_ratio_c (dual-clip) is not defined for algorithm.policy_loss=gspo; set it to null "
+              "or use policy_loss ppo_clip")
+        check(a.clip_ratio_c > 1, f"algorithm.clip_ratio_c (dual-clip) must be > 1 (e.g. 3.0) or null, "
+                                  f"got {a.clip_ratio_c}")
+    check(a.tis_cap is None or a.tis_cap > 0, f"algorithm.tis_cap must be > 0 (e.g. 2.0) or null, got {a.tis_cap}")
+    for name in ("gamma", "lam"):
+        value = getattr(a, name)
+        check(0 <= value <= 1, f"algorithm.{name} must be in [0, 1], got {value}")
+    if a.kl_in_reward:
+        check(a.kl_coef > 0, f"algorithm.kl_in_reward needs algorithm.kl_coef > 0 (the penalty's weight), "
+                             f"got {a.kl_coef}")
+        check(a.advantage in TOKEN_REWARD_ESTIMATORS,
+              f"algorithm.kl_in_reward needs a token-level algorithm.advantage, one of "
+              f"{', '.join(TOKEN_REWARD_ESTIMATORS)}; got {a.advantage!r} (use the KL loss term instead: "
+              f"algorithm.kl_in_reward=false)")
+    uses_critic = a.advantage in CRITIC_ESTIMATORS
+    if a.value_clip is not None:
+        check(uses_critic, f"algorithm.value_clip applies to the critic's value loss, which only "
+                           f"algorithm.advantage={' or '.join(CRITIC_ESTIMATORS)} has; got advantage {a.advantage!r}")
+        check(a.value_clip > 0, f"algorithm.value_clip must be > 0 or null, got {a.value_clip}")
+    if uses_critic:
+        check(c.lr > 0, f"critic.lr must be > 0 when algorithm.advantage={a.advantage!r} (the critic is trained), "
+                        f"got {c.lr}")
+    check(c.warmup_steps >= 0, f"critic.warmup_steps must be >= 0, got {c.warmup_steps}")
+    check(c.grad_clip > 0, f"critic.grad_clip must be > 0, got {c.grad_clip}")
+    check(a.dynamic_sampling_max_tries >= 1,
+          f"algorithm.dynamic_sampling_max_tries must be >= 1 (1 = no resampling), got {a.dynamic_sampling_max_tries}")
+    check(a.dynamic_sampling_max_tries == 1 or a.filter_groups,
+          f"algorithm.dynamic_sampling_max_tries={a.dynamic_sampling_max_tries} resamples to replace dropped "
+          f"groups, so it needs algorithm.filter_groups=true")
+    check(0 <= rw.overlong_buffer <= r.max_new_tokens,
+          f"reward.overlong_buffer must be in [0, rollout.max_new_tokens={r.max_new_tokens}] (0 = off), "
+          f"got {rw.overlong_buffer}")
+    check(rw.overlong_penalty >= 0, f"reward.overlong_penalty must be >= 0, got {rw.overlong_penalty}")
+    check(rw.scale > 0, f"reward.scale must be > 0, got {rw.scale}")
+    check(rw.clip is None or rw.clip > 0, f"reward.clip must be > 0 or null, got {rw.clip}")
 
 
 def save_config(cfg: Config, path: str) -> None:

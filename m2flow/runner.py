@@ -1,10 +1,13 @@
 """The macro flow. One RL iteration reads top to bottom:
 
-    rollout -> reward -> advantage -> logprobs -> update -> weight sync
+    rollout -> reward -> filter -> logprobs (actor old / reference / critic values) -> advantage
+            -> update (critic, actor) -> weight sync
 
-(Reward and advantage come before the logprob pass because they are cheap and tell which groups carry a
-gradient: with `algorithm.filter_groups`, groups whose samples all got the same reward are dropped before the
-trainer spends compute on them.)
+(Reward and the group filter come before the logprob pass because they are cheap and tell which groups carry
+a gradient: with `algorithm.filter_groups`, groups whose samples all got the same reward are dropped before the
+trainer spends compute on them; with `algorithm.dynamic_sampling_max_tries > 1`, more prompts are sampled until
+`train.prompts_per_step` informative groups are found. Advantages come after the logprob pass because KL in the
+reward and GAE need the reference logprobs and the critic's values.)
 
 Everything else here is set-up (data, base model, workers) and bookkeeping (metrics, checkpoints, summary).
 """
@@ -25,9 +28,21 @@ import ray
 import torch
 from tqdm import tqdm
 
-from m2flow.algorithms import ADVANTAGE_ESTIMATORS
+from m2flow.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    gae_advantages,
+    informative_groups,
+    kl_penalty_rewards,
+    masked_mean,
+    overlong_mask,
+    scale_and_clip_rewards,
+    scores_to_token_rewards,
+    soft_overlong_punishment,
+    whiten_advantages,
+)
 from m2flow.batch import RolloutBatch
-from m2flow.config import Config, save_config, validate
+from m2flow.config import CRITIC_ESTIMATORS, Config, save_config, validate
 from m2flow.data.datasets import Problem, load_problems
 from m2flow.data.synthetic import TaskSpec, make_splits
 from m2flow.data.templates import format_prompt
@@ -37,7 +52,7 @@ from m2flow.metrics import MetricsLogger, plot_metrics
 from m2flow.rewards import get_reward
 from m2flow.rollout import SamplingParams
 from m2flow.scheduler.cluster import launch, start_ray
-from m2flow.scheduler.workers import ActorWorker, ReferenceWorker, RolloutWorker
+from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker
 from m2flow.training.warm_start import ensure_base_model
 
 log = logging.getLogger(__name__)
@@ -87,9 +102,10 @@ class PromptSampler:
 
 @contextmanager
 def timer(times: dict[str, float], name: str):
+    """Adds the block's wall time to times["time/<name>"] (so several generation rounds add up)."""
     start = time.perf_counter()
     yield
-    times[f"time/{name}"] = time.perf_counter() - start
+    times[f"time/{name}"] = times.get(f"time/{name}", 0.0) + time.perf_counter() - start
 
 
 def make_run_dir(cfg: Config) -> str:
@@ -115,7 +131,8 @@ def run(cfg: Config, progress: bool = True) -> dict:
         model_path, base_info = ensure_base_model(cfg.base, task.sft, task.held_out[: cfg.eval.num_problems],
                                                   cfg.data.template, cfg.eval.max_new_tokens, progress)
 
-    # Workers: rollout engine, trainer and (only with a KL term) the frozen reference, collocated.
+    # Workers: rollout engine, trainer, (only with a KL term) the frozen reference and (only with GAE) the
+    # critic, collocated.
     started_ray = not ray.is_initialized()
     resources = start_ray(cfg.cluster)
     try:
@@ -132,13 +149,14 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     actor = launch(ActorWorker, model_path, cfg, name=f"actor-{os.getpid()}", threads=threads)
     reference = (launch(ReferenceWorker, model_path, cfg, name=f"reference-{os.getpid()}", threads=threads)
                  if cfg.algorithm.kl_coef > 0 else None)
+    critic = (launch(CriticWorker, model_path, cfg, name=f"critic-{os.getpid()}", threads=threads)
+              if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     reward_fn = get_reward(cfg.reward.name)
     score = lambda text, truth: reward_fn(  # noqa: E731
         text, truth, format_penalty=cfg.reward.format_penalty, timeout_s=cfg.reward.timeout_s)
-    advantage_fn = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage)
     prompt = lambda p: format_prompt(p.question, tokenizer, cfg.data.template)  # noqa: E731
     held_out = task.held_out[: cfg.eval.num_problems]
     held_out_prompts = [prompt(p) for p in held_out]
@@ -160,39 +178,47 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     log.info("held-out accuracy before RL: %.3f", before.accuracy)
     sampler = PromptSampler(len(task.train), cfg.seed)
     totals = {"samples": 0, "tokens": 0, "seconds": 0.0}
-    bar = tqdm(range(1, cfg.train.steps + 1), desc="grpo", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(1, cfg.train.steps + 1), desc=cfg.algorithm.advantage, disable=not progress, dynamic_ncols=True)
     for step in bar:
         times: dict[str, float] = {}
         with timer(times, "step"):
-            ids = sampler.next(cfg.train.prompts_per_step)
-            step_params = dataclasses.replace(sampling, seed=cfg.seed * 1_000_003 + step)
 
-            with timer(times, "rollout"):
-                samples = ray.get(rollout.generate.remote([prompt(task.train[i]) for i in ids], step_params))
-                batch = RolloutBatch.from_samples(samples, tokenizer.pad_token_id)
-            with timer(times, "reward"):
-                truths = [task.train[ids[s.prompt_index]].answer for s in samples]
-                batch.scores = torch.tensor([score(s.text, t) for s, t in zip(samples, truths)])
-            with timer(times, "advantage"):
-                batch.advantages = advantage_fn(batch.scores, batch.group_ids,
-                                                norm_by_std=cfg.algorithm.norm_adv_by_std)
-                informative = _informative_rows(batch) if cfg.algorithm.filter_groups else None
-            train_batch = batch.select(informative) if informative is not None else batch
+            def generate_round(r: int) -> Round:
+                """Round r of this step: fresh prompts, sampled, scored and shaped; group ids offset by r * P."""
+                ids = sampler.next(cfg.train.prompts_per_step)
+                params = dataclasses.replace(sampling, seed=round_seed(cfg.seed, step, r))
+                with timer(times, "rollout"):
+                    samples = ray.get(rollout.generate.remote([prompt(task.train[i]) for i in ids], params))
+                    batch = RolloutBatch.from_samples(samples, tokenizer.pad_token_id)
+                with timer(times, "reward"):
+                    truths = [task.train[ids[s.prompt_index]].answer for s in samples]
+                    raw = torch.tensor([score(s.text, t) for s, t in zip(samples, truths)])
+                    return prepare_round(batch, samples, raw, cfg, group_offset=r * cfg.train.prompts_per_step)
+
+            rounds, train_batch, filter_metrics = collect_batch(generate_round, cfg, tokenizer.pad_token_id)
             train_metrics = {}
             if len(train_batch):
                 with timer(times, "logprobs"):
                     old_ref = actor.compute_logprobs.remote(train_batch)
                     ref_ref = reference.compute_logprobs.remote(train_batch) if reference else None
+                    values_ref = critic.compute_values.remote(train_batch) if critic else None
                     train_batch.old_logprobs = ray.get(old_ref)
                     train_batch.ref_logprobs = ray.get(ref_ref) if ref_ref else None
+                    train_batch.values = ray.get(values_ref) if values_ref else None
+                with timer(times, "advantage"):
+                    train_metrics |= compute_advantages(train_batch, cfg)
+                if critic is not None:
+                    with timer(times, "critic_update"):
+                        train_metrics |= ray.get(critic.update.remote(train_batch))
                 with timer(times, "update"):
-                    train_metrics = ray.get(actor.update.remote(train_batch))
+                    train_metrics |= ray.get(actor.update.remote(train_batch))
                 with timer(times, "weight_sync"):
                     ray.get(rollout.load_weights.remote(actor.state_dict.remote(), step))
 
-        metrics = {**_batch_metrics(batch, train_batch, samples), **train_metrics, **times}
+        samples = [s for r in rounds for s in r.samples]
+        metrics = {**_batch_metrics(rounds, train_batch, cfg), **filter_metrics, **train_metrics, **times}
         totals["samples"] += len(samples)
-        totals["tokens"] += int(batch.response_mask.sum())
+        totals["tokens"] += int(sum(r.lengths.sum() for r in rounds))
         totals["seconds"] += times["time/step"]
         metrics["throughput/samples_per_s"] = len(samples) / times["time/step"]
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
@@ -232,36 +258,153 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         "examples_after": after.examples,
     }
     atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
-    for handle in (rollout, actor, reference):
+    for handle in (rollout, actor, reference, critic):
         if handle is not None:
             ray.kill(handle)
     return summary
 
 
-def _informative_rows(batch: RolloutBatch) -> torch.Tensor:
-    """Rows whose group's rewards differ: the others have zero advantage and no policy gradient."""
-    groups = batch.group_ids.tolist()
-    rewards: dict[int, set[float]] = {}
-    for g, r in zip(groups, batch.scores.tolist()):
-        rewards.setdefault(g, set()).add(r)
-    return torch.tensor([i for i, g in enumerate(groups) if len(rewards[g]) > 1], dtype=torch.long)
+# ---------------------------------------------------------------------------------------------------------
+# The stages between rollout and update, as plain functions of tensors and the config (tested one by one)
 
 
-def _batch_metrics(batch: RolloutBatch, train_batch: RolloutBatch, samples) -> dict[str, float]:
-    mask = batch.response_mask
-    lengths = mask.sum(1)
-    out = {"batch/informative_frac": len(train_batch) / len(batch)}
+@dataclasses.dataclass
+class Round:
+    """One generation round of a step (a step has several with dynamic sampling)."""
+
+    batch: RolloutBatch  # scores shaped, response mask overlong-filtered, group ids unique within the step
+    samples: list  # the engine's Samples, in batch order
+    raw_scores: torch.Tensor  # [B] the reward function's scores before shaping
+    lengths: torch.Tensor  # [B] response tokens, before overlong filtering
+    overlong_penalty: torch.Tensor | None  # [B] soft overlong punishment added to the scores (None: off)
+
+
+def round_seed(seed: int, step: int, r: int) -> int:
+    """Sampling seed of round r of a step; round 0 keeps the seed a step had before dynamic sampling."""
+    return seed * 1_000_003 + step + r * (1 << 32)
+
+
+def shape_rewards(scores: torch.Tensor, lengths: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reward shaping of scores [B] given response lengths [B]: DAPO's soft overlong punishment
+    (reward.overlong_buffer > 0), then reward.scale and reward.clip. Returns (shaped scores, the overlong
+    penalty or None). With the defaults the scores come back unchanged (the same tensor)."""
+    rw = cfg.reward
+    penalty = None
+    if rw.overlong_buffer > 0:
+        penalty = soft_overlong_punishment(lengths, cfg.rollout.max_new_tokens, rw.overlong_buffer, rw.overlong_penalty)
+        scores = scores + penalty
+    if rw.scale != 1.0 or rw.clip is not None:
+        scores = scale_and_clip_rewards(scores, rw.scale, rw.clip)
+    return scores, penalty
+
+
+def prepare_round(batch: RolloutBatch, samples, raw_scores: torch.Tensor, cfg: Config, group_offset: int = 0) -> Round:
+    """A freshly generated and scored batch, ready for the group filter: scores shaped, truncated responses
+    masked out of the loss (algorithm.overlong_filter), group ids offset so rounds of one step never share one."""
+    lengths = batch.response_mask.sum(1)
+    batch.group_ids = batch.group_ids + group_offset
+    batch.scores, penalty = shape_rewards(raw_scores, lengths, cfg)
+    if cfg.algorithm.overlong_filter:
+        batch.response_mask = overlong_mask([s.finish_reason for s in samples], batch.response_mask)
+    return Round(batch, samples, raw_scores, lengths, penalty)
+
+
+def informative_rows(batch: RolloutBatch) -> torch.Tensor:
+    """Row indices [K] of the samples whose group's scores differ: the others have zero group-relative
+    advantage and no policy gradient."""
+    return informative_groups(batch.scores, batch.group_ids).nonzero().reshape(-1)
+
+
+def _first_groups(batch: RolloutBatch, k: int) -> RolloutBatch:
+    """The rows of the first k groups, in order of first appearance."""
+    seen: list[int] = []
+    for g in batch.group_ids.tolist():
+        if g not in seen:
+            seen.append(g)
+    keep = set(seen[:k])
+    return batch.select(torch.tensor([i for i, g in enumerate(batch.group_ids.tolist()) if g in keep],
+                                     dtype=torch.long))
+
+
+def collect_batch(generate_round, cfg: Config, pad_token_id: int) -> tuple[list[Round], RolloutBatch, dict]:
+    """The training batch of one step. Without algorithm.filter_groups: one round, every sample. With it:
+    the informative groups of up to algorithm.dynamic_sampling_max_tries rounds (`generate_round(r) -> Round`),
+    stopping once train.prompts_per_step groups are kept, and cut to that many (DAPO dynamic sampling). If the
+    tries run out first, the step trains on the groups it has. Returns (rounds, train batch, metrics)."""
+    a, want = cfg.algorithm, cfg.train.prompts_per_step
+    if not a.filter_groups:
+        first = generate_round(0)
+        return [first], first.batch, {}
+    rounds, kept, n_kept = [], [], 0
+    for r in range(a.dynamic_sampling_max_tries):
+        rounds.append(generate_round(r))
+        part = rounds[-1].batch.select(informative_rows(rounds[-1].batch))
+        kept.append(part)
+        n_kept += len(torch.unique(part.group_ids))
+        if n_kept >= want:
+            break
+    train = RolloutBatch.concat(kept, pad_token_id)
+    if n_kept > want:
+        train = _first_groups(train, want)
+    generated = sum(len(torch.unique(r.batch.group_ids)) for r in rounds)
+    metrics = {"batch/sampling_rounds": float(len(rounds)),
+               "batch/dropped_groups": float(generated - n_kept),
+               "batch/kept_groups": float(min(n_kept, want))}
+    return rounds, train, metrics
+
+
+def compute_advantages(batch: RolloutBatch, cfg: Config) -> dict[str, float]:
+    """Sets batch.advantages ([B] or [B, T]) from the shaped scores: the configured estimator, with KL in
+    the reward (algorithm.kl_in_reward: needs old and reference logprobs) and batch whitening
+    (algorithm.whiten_advantages). GAE (needs batch.values) also sets batch.returns. Returns metrics."""
+    a, mask = cfg.algorithm, batch.response_mask
+    metrics: dict[str, float] = {}
+    token_rewards = None
+    if a.kl_in_reward:
+        token_rewards = kl_penalty_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, mask, a.kl_coef,
+                                           a.kl_estimator)
+        kl = KL_ESTIMATORS.get(a.kl_estimator)(batch.old_logprobs, batch.ref_logprobs)
+        metrics["reward/kl"] = float(masked_mean(kl, mask))
+    if a.advantage == "gae":
+        rewards = token_rewards if token_rewards is not None else scores_to_token_rewards(batch.scores, mask)
+        advantages, batch.returns = gae_advantages(rewards, batch.values, mask, a.gamma, a.lam)
+    else:
+        options = {"response_mask": mask, "norm_by_std": a.norm_adv_by_std, "gamma": a.gamma}
+        if token_rewards is not None:
+            options["token_rewards"] = token_rewards
+        advantages = ADVANTAGE_ESTIMATORS.get(a.advantage)(batch.scores, batch.group_ids, **options)
+    if a.whiten_advantages:
+        advantages = whiten_advantages(advantages, mask)
+    batch.advantages = advantages
+    token_adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1).expand_as(mask)
+    metrics["advantage/mean"] = float(masked_mean(token_adv, mask))
+    metrics["advantage/abs_mean"] = float(masked_mean(token_adv.abs(), mask))
+    return metrics
+
+
+def _batch_metrics(rounds: list[Round], train_batch: RolloutBatch, cfg: Config) -> dict[str, float]:
+    samples = [s for r in rounds for s in r.samples]
+    raw = torch.cat([r.raw_scores for r in rounds])
+    lengths = torch.cat([r.lengths for r in rounds])
+    out = {"batch/informative_frac": len(train_batch) / len(samples)}
     if train_batch.old_logprobs is not None:  # rollout engine vs trainer on the same weights
         m = train_batch.response_mask
         diff = (train_batch.rollout_logprobs - train_batch.old_logprobs).abs() * m
         out["rollout/logprob_abs_diff"] = float(diff.sum() / m.sum().clamp(min=1))
-    return out | {
-        "reward/mean": float(batch.scores.mean()),
-        "reward/accuracy": float((batch.scores >= 1).float().mean()),
+    out |= {
+        "reward/mean": float(raw.mean()),
+        "reward/accuracy": float((raw >= 1).float().mean()),
         "response/length_mean": float(lengths.mean()),
         "response/length_max": float(lengths.max()),
         "response/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
     }
+    if cfg.reward.overlong_buffer > 0 or cfg.reward.scale != 1.0 or cfg.reward.clip is not None:
+        out["reward/shaped_mean"] = float(torch.cat([r.batch.scores for r in rounds]).mean())
+    if cfg.reward.overlong_buffer > 0:
+        out["reward/overlong_penalty_mean"] = float(torch.cat([r.overlong_penalty for r in rounds]).mean())
+    if cfg.algorithm.overlong_filter and len(train_batch):
+        out["batch/overlong_masked_frac"] = float((train_batch.response_mask.sum(1) == 0).float().mean())
+    return out
 
 
 def _save_periodic(actor, run_dir: str, step: int, keep_last: int) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from m2flow.batch import RolloutBatch
-from m2flow.runner import PromptSampler, _informative_rows
+from m2flow.runner import PromptSampler, informative_rows
 
 
 def _batch(scores, groups):
@@ -19,14 +19,14 @@ def _batch(scores, groups):
 def test_informative_rows_drop_groups_with_equal_rewards():
     # group 0: all wrong, group 1: mixed, group 2: all right, group 3: mixed with a format penalty
     batch = _batch([0, 0, 1, 0, 1, 1, -0.5, 0], [0, 0, 1, 1, 2, 2, 3, 3])
-    assert _informative_rows(batch).tolist() == [2, 3, 6, 7]
-    kept = batch.select(_informative_rows(batch))
+    assert informative_rows(batch).tolist() == [2, 3, 6, 7]
+    kept = batch.select(informative_rows(batch))
     assert kept.group_ids.tolist() == [1, 1, 3, 3]
     assert kept.input_ids.shape == (4, 3)
 
 
 def test_informative_rows_none():
-    assert _informative_rows(_batch([1, 1], [0, 0])).numel() == 0
+    assert informative_rows(_batch([1, 1], [0, 0])).numel() == 0
 
 
 def test_prompt_sampler_epochs_are_permutations_and_seeded():

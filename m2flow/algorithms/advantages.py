@@ -37,6 +37,7 @@ def grpo_advantages(
     eps: float = 1e-6,
     *,
     response_mask: torch.Tensor | None = None,
+    **_options: object,
 ) -> torch.Tensor:
     """GRPO outcome advantage: ``(score - group mean) / (group std + eps)``, or without the division when
     ``norm_by_std`` is False. scores: [B] float; group_ids: [B] int, any values, any order (groups need not
@@ -44,7 +45,8 @@ def grpo_advantages(
 
     The std is the *population* std (``unbiased=False``: divide by the group size n, not n - 1), so a
     group's normalised advantages have unit variance. Groups of size 1 and groups whose scores are all
-    equal get exactly 0 (never NaN). ``response_mask`` is accepted for the registry convention and unused.
+    equal get exactly 0 (never NaN). ``response_mask`` is accepted for the registry convention and unused,
+    and options meant for other estimators (e.g. ``gamma``, ``token_rewards``) are ignored.
     """
     x = scores.to(float_dtype(scores))
     gid = group_index(group_ids)

@@ -6,8 +6,9 @@ import torch
 
 from m2flow.batch import RolloutBatch
 from m2flow.config import Config
-from m2flow.rollout import HFEngine, Sample, SamplingParams
+from m2flow.rollout import Engine, EngineConfig, HFEngine, Sample, SamplingParams
 from m2flow.training.actor import Actor
+from m2flow.training.critic import Critic, load_value_model
 from m2flow.training.checkpoint import load_hf_model, save_hf_checkpoint
 from m2flow.training.forward import batch_logprobs
 
@@ -20,8 +21,15 @@ def _setup(threads: int, seed: int) -> None:
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: Config, threads: int = 1):
         _setup(threads, cfg.seed)
-        model, tokenizer = load_hf_model(model_path, cfg.model.dtype)  # rollout.backend "hf" (validated)
-        self.engine = HFEngine(model, tokenizer, batch_size=cfg.rollout.batch_size)
+        r = cfg.rollout
+        if r.backend == "hf":
+            model, tokenizer = load_hf_model(model_path, cfg.model.dtype)
+            self.engine = HFEngine(model, tokenizer, batch_size=r.batch_size)
+        else:  # "m2flow" (validated)
+            config = EngineConfig(max_num_seqs=r.batch_size, max_num_batched_tokens=r.max_num_batched_tokens,
+                                  block_size=r.block_size, kv_cache_gb=r.kv_cache_gb,
+                                  kv_cache_fraction=r.kv_cache_fraction, prefix_caching=r.prefix_caching)
+            self.engine = Engine.from_pretrained(model_path, config, dtype=cfg.model.dtype)
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Sample]:
         return self.engine.generate(prompts, params)
@@ -61,3 +69,17 @@ class ReferenceWorker:
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size)
+
+
+class CriticWorker:
+    """The value model of PPO (created only when algorithm.advantage=gae), started from the policy's weights."""
+
+    def __init__(self, model_path: str, cfg: Config, threads: int = 1):
+        _setup(threads, cfg.seed)
+        self.critic = Critic(load_value_model(model_path, cfg.model.dtype), cfg.train, cfg.critic, cfg.algorithm)
+
+    def compute_values(self, batch: RolloutBatch) -> torch.Tensor:
+        return self.critic.compute_values(batch)
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        return self.critic.update(batch)

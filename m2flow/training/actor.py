@@ -47,21 +47,60 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int):
+    """AdamW and a linear-warmup-then-constant learning-rate schedule (the actor's and the critic's)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+    warmup = max(warmup_steps, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    return optimizer, scheduler
+
+
+def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, prefix: str) -> dict[str, float]:
+    """The update loop shared by the actor and the critic: `cfg.epochs` passes over `batch` in a seeded random
+    order, `cfg.mini_batches` optimizer steps per pass, each accumulated over micro-batches of
+    `cfg.micro_batch_size` whose losses are weighted by `trainer._share(mb, mini)`. `trainer` has `model`,
+    `optimizer`, `scheduler`, `_micro_batch_loss(mb) -> (loss, metrics)` and `_share`. Returns the metrics
+    averaged over optimizer steps, as `<prefix>/<name>`, plus `<prefix>/grad_norm` and `<prefix>/lr`."""
+    trainer.model.train()
+    sums: dict[str, float] = {}
+    n_updates = 0
+    generator = torch.Generator().manual_seed(int(batch.group_ids.sum()))
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(batch), generator=generator)
+        for mini in batch.select(order).split(-(-len(batch) // cfg.mini_batches)):
+            trainer.optimizer.zero_grad(set_to_none=True)
+            for mb in mini.split(cfg.micro_batch_size):
+                loss, metrics = trainer._micro_batch_loss(mb)
+                share = trainer._share(mb, mini)
+                (loss * share).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v * share
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), grad_clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            trainer.optimizer.step()
+            trainer.scheduler.step()
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            n_updates += 1
+    out = {f"{prefix}/{k}": v / n_updates for k, v in sums.items()}
+    out[f"{prefix}/lr"] = trainer.scheduler.get_last_lr()[0]
+    return out
+
+
 class Actor:
     def __init__(self, model, train: TrainConfig, algorithm: AlgorithmConfig, temperature: float = 1.0):
         self.train_cfg, self.algo = train, algorithm
         self.temperature = temperature  # token_logprobs treats 0 (greedy) as 1
         self.hf_config = model.config
         self.model = apply_fsdp(model) if train.fsdp else model
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=train.lr, betas=(0.9, 0.99), weight_decay=train.weight_decay
-        )
-        warmup = max(train.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-        )
+        self.optimizer, self.scheduler = make_optimizer(self.model, train.lr, train.weight_decay, train.warmup_steps)
         self.policy_loss = POLICY_LOSSES.get(algorithm.policy_loss)
-        self.kl = KL_ESTIMATORS.get(algorithm.kl_estimator) if algorithm.kl_coef > 0 else None
+        # the KL loss term; with algorithm.kl_in_reward the runner puts the KL into the rewards instead
+        use_kl_loss = algorithm.kl_coef > 0 and not algorithm.kl_in_reward
+        self.kl = KL_ESTIMATORS.get(algorithm.kl_estimator) if use_kl_loss else None
+        # dual-clip and truncated importance sampling, passed only when on (a user's loss need not take them)
+        self.loss_options = {k: v for k, v in (("clip_ratio_c", algorithm.clip_ratio_c), ("tis_cap", algorithm.tis_cap))
+                             if v is not None}
 
     def _logits(self, mb: RolloutBatch) -> torch.Tensor:
         return response_logits(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1])
@@ -74,31 +113,7 @@ class Actor:
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """`epochs` passes over the batch in `mini_batches` optimizer steps, each accumulated over
         micro-batches; every micro-batch's loss is weighted by its share of the mini-batch's tokens."""
-        cfg = self.train_cfg
-        self.model.train()
-        sums: dict[str, float] = {}
-        n_updates = 0
-        generator = torch.Generator().manual_seed(int(batch.group_ids.sum()))
-        for _ in range(cfg.epochs):
-            order = torch.randperm(len(batch), generator=generator)
-            for mini in batch.select(order).split(-(-len(batch) // cfg.mini_batches)):
-                self.optimizer.zero_grad(set_to_none=True)
-                for mb in mini.split(cfg.micro_batch_size):
-                    loss, metrics = self._micro_batch_loss(mb)
-                    share = self._share(mb, mini)
-                    (loss * share).backward()
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + v * share
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()
-                self.optimizer.step()
-                self.scheduler.step()
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-                n_updates += 1
-        out = {f"actor/{k}": v / n_updates for k, v in sums.items()}
-        out["actor/lr"] = self.scheduler.get_last_lr()[0]
-        return out
+        return optimize(self, batch, self.train_cfg, self.train_cfg.grad_clip, "actor")
 
     def _share(self, mb: RolloutBatch, mini: RolloutBatch) -> float:
         """The micro-batch's weight in its mini-batch's loss, so that accumulating micro-batch losses gives
@@ -114,9 +129,13 @@ class Actor:
         logprobs = token_logprobs(logits, mb.input_ids[:, mb.prompt_width :], self.temperature)
         mask = mb.response_mask
         advantages = broadcast_to_tokens(mb.advantages, mask)
+        options = dict(self.loss_options)
+        if "tis_cap" in options:
+            options["rollout_logprobs"] = mb.rollout_logprobs
         loss, metrics = self.policy_loss(
             logprobs, mb.old_logprobs, advantages, mask,
             clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, loss_agg=algo.loss_agg,
+            **options,
         )
         entropy = entropy_from_logits(logits.detach() if algo.entropy_coef == 0 else logits)
         entropy_mean = masked_mean(entropy, mask)

@@ -93,3 +93,17 @@ def test_group_estimators_accept_the_runner_options():
     assert ADVANTAGE_ESTIMATORS.get("dr_grpo")(scores, groups, norm_by_std=True).tolist() == [0.75, -0.25, -0.25, -0.25]
     rloo = ADVANTAGE_ESTIMATORS.get("rloo")(scores, groups, norm_by_std=True)
     assert torch.allclose(rloo, torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
+
+
+def test_every_estimator_accepts_the_full_runner_options():
+    """The runner passes one set of options (norm_by_std, gamma, response_mask, token_rewards) to any estimator."""
+    import torch
+
+    from m2flow.algorithms import ADVANTAGE_ESTIMATORS
+
+    scores, groups = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0, 0, 1, 1])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    for name in ADVANTAGE_ESTIMATORS.names():
+        adv = ADVANTAGE_ESTIMATORS.get(name)(scores, groups, response_mask=mask, norm_by_std=True, gamma=1.0,
+                                             token_rewards=None)
+        assert torch.isfinite(adv).all(), name

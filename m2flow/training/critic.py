@@ -1,0 +1,89 @@
+"""The critic of PPO (algorithm.advantage=gae): the policy's transformer with a scalar value head, sharded
+with FSDP2 and trained like the actor (same mini-batches, epochs, micro-batches) on the clipped value loss."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from m2flow.algorithms import value_loss
+from m2flow.batch import RolloutBatch
+from m2flow.config import AlgorithmConfig, CriticConfig, TrainConfig
+from m2flow.training.actor import apply_fsdp, full_state_dict, make_optimizer, optimize
+from m2flow.training.forward import position_ids_from_mask
+
+
+def load_value_model(path: str, dtype: str = "float32"):
+    """An HF causal-LM checkpoint as a value model: `AutoModelForTokenClassification` with one label (the
+    checkpoint's transformer body, its LM head dropped, a new linear `score` head), no dropout. The head
+    starts at zero, so every value starts at exactly 0 and the first advantages are plain returns."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"not an HF model directory (no config.json): {path}")
+    config = AutoConfig.from_pretrained(path, num_labels=1)
+    config.classifier_dropout = 0.0  # values must be deterministic in training mode too
+    model = AutoModelForTokenClassification.from_pretrained(path, config=config, dtype=getattr(torch, dtype))
+    zero_value_head(model)
+    return model
+
+
+def zero_value_head(model) -> None:
+    head = model.score
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def response_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+    """V(s_t) for the last `response_len` tokens: the value head at the position that predicts token t (the
+    state before the token is chosen), [B, T] float32."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    width = input_ids.shape[1]
+    return out.logits[:, width - response_len - 1 : width - 1, 0].float()
+
+
+class Critic:
+    def __init__(self, model, train: TrainConfig, critic: CriticConfig, algorithm: AlgorithmConfig):
+        self.train_cfg, self.critic_cfg, self.algo = train, critic, algorithm
+        self.model = apply_fsdp(model) if train.fsdp else model
+        self.optimizer, self.scheduler = make_optimizer(self.model, critic.lr, critic.weight_decay,
+                                                        critic.warmup_steps)
+
+    def _values(self, mb: RolloutBatch) -> torch.Tensor:
+        return response_values(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1])
+
+    @torch.no_grad()
+    def compute_values(self, batch: RolloutBatch) -> torch.Tensor:
+        """Values of the response tokens under the current weights, 0 off the response mask: [B, T]."""
+        self.model.eval()
+        out = [self._values(mb) for mb in batch.split(self.train_cfg.micro_batch_size)]
+        return torch.cat(out) * batch.response_mask
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        """Regresses the values on `batch.returns` with `value_loss` (clipped around `batch.values`, the
+        values at rollout time, by algorithm.value_clip), in the actor's mini-batch / epoch schedule."""
+        if batch.returns is None or batch.values is None:
+            raise ValueError("critic update needs batch.values (compute_values) and batch.returns (GAE)")
+        return optimize(self, batch, self.train_cfg, self.critic_cfg.grad_clip, "critic")
+
+    def _share(self, mb: RolloutBatch, mini: RolloutBatch) -> float:
+        """Token-mean value loss: a micro-batch weighs its share of the mini-batch's valid tokens."""
+        return float(mb.response_mask.sum() / mini.response_mask.sum().clamp(min=1))
+
+    def _micro_batch_loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        values = self._values(mb)
+        loss, metrics = value_loss(values, mb.values, mb.returns, mb.response_mask,
+                                   clip_range_value=self.algo.value_clip, loss_agg="token-mean")
+        metrics["value_loss"] = float(loss.detach())
+        return loss, metrics
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return full_state_dict(self.model)
