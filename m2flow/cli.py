@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--n", type=int, default=1, help="samples per prompt (batch sizes count sequences; default 1)")
     b.add_argument("--stop-at-eos", action="store_true",
                    help="end sequences at EOS (ragged lengths, as in RL) instead of exactly --new-tokens")
+    b.add_argument("--repeats", type=int, default=3, help="time each engine this many times, keep the fastest")
     b.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     b.add_argument("--hf-max-batch", type=int, default=1 << 30, help="run the HF baseline only up to this batch")
     b.add_argument("--out-dir", default="benchmarks/results", help="where the JSON result goes")
@@ -92,7 +93,7 @@ def _bench(args) -> int:
           f"{'up to' if args.stop_at_eos else 'exactly'} {args.new_tokens} new tokens per sequence")
     result = run_benchmark(args.preset, sizes, args.new_tokens, args.prompt_tokens, dtype, device,
                            compare_hf=not args.no_hf, hf_max_batch=args.hf_max_batch, out_dir=args.out_dir,
-                           model_path=args.model, n=args.n, stop_at_eos=args.stop_at_eos)
+                           model_path=args.model, n=args.n, stop_at_eos=args.stop_at_eos, repeats=args.repeats)
     print(f"wrote {result['path']}")
     return 0
 

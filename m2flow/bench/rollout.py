@@ -3,7 +3,8 @@
 Both engines generate exactly `--new-tokens` tokens per sequence (EOS ignored) from the same prompts at
 each batch size; the table reports generated tokens per second (prefill included) and the ratio. On a
 GPU it also reports the decode step time against the memory-bandwidth bound: the bytes a decode step must
-read (weights + the KV cache of every sequence) over the HBM bandwidth measured in the same run.
+read (weights + the KV cache of every sequence) over the HBM bandwidth measured in the same run. Each
+timing is the fastest of `repeats` runs.
 """
 
 from __future__ import annotations
@@ -97,19 +98,23 @@ def measure_bandwidth(device: str, gib: float = 1.0) -> float:
     return 5 * 2 * n * 4 / (time.perf_counter() - start)
 
 
-def _time(fn, device: str) -> float:
+def _time(fn, device: str, repeats: int = 1) -> float:
+    """Fastest of `repeats` timed calls (the least disturbed by other work on a shared machine)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens: int = 128,
                   prompt_tokens: int = 0, dtype: str = "float32", device: str = "cpu", compare_hf: bool = True,
                   hf_max_batch: int = 1 << 30, out_dir: str = "benchmarks/results", model_path: str = "",
-                  n: int = 1, stop_at_eos: bool = False, log=print) -> dict:
+                  n: int = 1, stop_at_eos: bool = False, repeats: int = 3, log=print) -> dict:
     """`batch_sizes` count sequences: batch // n prompts, n samples each. With `stop_at_eos` sequences end
     at EOS (the RL setting: ragged lengths); the default generates exactly `new_tokens` per sequence."""
     if model_path:
@@ -139,19 +144,19 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
         prompts = [tokenizer.decode(t) for t in ids]
         engine.generate_ids(ids[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
         out = []
-        ours_s = _time(lambda: out.append(engine.generate_ids(ids, params)), device)
+        ours_s = _time(lambda: out.append(engine.generate_ids(ids, params)), device, repeats)
         total = sum(len(s.token_ids) for s in out[0])
         row = Row(b, round(sum(map(len, ids)) / len(ids)), round(total / len(out[0])), total / ours_s, None, None)
         if hf is not None and b <= hf_max_batch:
             hf.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))
             ref = []
-            hf_s = _time(lambda: ref.append(hf.generate(prompts, params)), device)
+            hf_s = _time(lambda: ref.append(hf.generate(prompts, params)), device, repeats)
             hf_total = sum(len(s.token_ids) for s in ref[0])  # differs from ours only with stop_at_eos
             row.hf_tokens_per_s = hf_total / hf_s
             row.ratio = row.ours_tokens_per_s / row.hf_tokens_per_s
         if bandwidth:  # decode only: time of `new_tokens` decode steps minus one prefill-only call
             prefill_s = _time(lambda: engine.generate_ids(ids, SamplingParams(max_new_tokens=1, ignore_eos=True)),
-                              device)
+                              device, repeats)
             step_s = (ours_s - prefill_s) / max(new_tokens - 1, 1)
             mean_context = row.prompt_tokens + new_tokens / 2
             kv_read = b * mean_context * kv_bytes_per_token(engine.model, next(engine.model.parameters()).dtype)
@@ -162,7 +167,7 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
         log(format_row(row))
     result = {
         "device": device_name(device), "preset": preset, "dtype": dtype, "threads": torch.get_num_threads(),
-        "samples_per_prompt": n, "stop_at_eos": stop_at_eos,
+        "samples_per_prompt": n, "stop_at_eos": stop_at_eos, "repeats": repeats,
         "parameters": sum(p.numel() for p in engine.model.parameters()), "weight_bytes": weight_bytes,
         "bandwidth_bytes_per_s": bandwidth, "rows": [asdict(r) for r in rows],
     }

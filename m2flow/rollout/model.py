@@ -76,7 +76,7 @@ class ModelArgs:
 class AttentionInputs:
     """Where a step's tokens go in the KV cache and what each query may attend to.
 
-    slot_mapping [N]: flat cache slot (block * block_size + offset) of each new token.
+    slot_blocks, slot_offsets [N]: the cache block and the offset in it of each new token.
     block_tables [B, M]: each sequence's KV blocks in position order (padded with block 0).
     query_index [B, Q] or None: flat token index of each sequence's queries, -1 where padded; None =
         decode (Q = 1, token b belongs to sequence b).
@@ -84,7 +84,8 @@ class AttentionInputs:
         context), -inf elsewhere; padded queries attend to key 0 only. Q = 1 in decode steps.
     """
 
-    slot_mapping: torch.Tensor
+    slot_blocks: torch.Tensor
+    slot_offsets: torch.Tensor
     block_tables: torch.Tensor
     query_index: torch.Tensor | None
     mask: torch.Tensor
@@ -151,16 +152,8 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
-        # [H_kv, num_blocks * block_size, D] views of this layer's cache, set by the model runner
+        # [num_blocks, H_kv, block_size, D] views of this layer's cache, set by the model runner
         self.k_cache = self.v_cache = torch.empty(0)
-        self.block_size = 0
-
-    def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """[H_kv, B, M * block_size, D], contiguous: each sequence's context, gathered block by block."""
-        b, m = block_tables.shape
-        blocks = cache.view(self.num_kv_heads, -1, self.block_size, self.head_dim)
-        return blocks.index_select(1, block_tables.reshape(-1)).view(self.num_kv_heads, b, m * self.block_size,
-                                                                     self.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         n, h_kv, group, d = x.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
@@ -168,18 +161,21 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, d), cos, sin)  # one rotation for both
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(n, h_kv, d)
-        self.k_cache.index_copy_(1, attn.slot_mapping, k.transpose(0, 1).to(self.k_cache.dtype))
-        self.v_cache.index_copy_(1, attn.slot_mapping, v.transpose(0, 1).to(self.v_cache.dtype))
-        keys, values = self._gather(self.k_cache, attn.block_tables), self._gather(self.v_cache, attn.block_tables)
+        self.k_cache[attn.slot_blocks, :, attn.slot_offsets] = k.to(self.k_cache.dtype)
+        self.v_cache[attn.slot_blocks, :, attn.slot_offsets] = v.to(self.v_cache.dtype)
+        b, m = attn.block_tables.shape  # each sequence's blocks, gathered whole: [B, M, H_kv, block_size, D]
+        keys = self.k_cache.index_select(0, attn.block_tables.reshape(-1)).view(b, m, *self.k_cache.shape[1:])
+        values = self.v_cache.index_select(0, attn.block_tables.reshape(-1)).view(b, m, *self.v_cache.shape[1:])
         # GQA without repeating keys: the G query heads that share a KV head become G query rows
-        if attn.query_index is None:  # decode: one query per sequence, [H_kv, B, G, D]
-            out = decode_attention(q.view(n, h_kv, group, d).transpose(0, 1), keys, values, attn.mask)
-            return self.o_proj(out.transpose(0, 1).reshape(n, -1))
-        b, width = attn.query_index.shape  # [B, Q, H, D] -> [H_kv, B, G * Q, D]
-        queries = q[attn.query_index].view(b, width, h_kv, group, d).permute(2, 0, 3, 1, 4).reshape(h_kv, b, -1, d)
-        mask = attn.mask.repeat(1, group, 1)[None]  # [1, B, G * Q, K]
+        if attn.query_index is None:  # decode: one query per sequence
+            out = decode_attention(q.view(n, h_kv, group, d), keys, values, attn.mask)
+            return self.o_proj(out.reshape(n, -1))
+        width = attn.query_index.shape[1]  # prefill: [B, Q, H, D] -> [B, H_kv, G * Q, D]
+        queries = q[attn.query_index].view(b, width, h_kv, group, d).permute(0, 2, 3, 1, 4).reshape(b, h_kv, -1, d)
+        keys, values = (t.permute(0, 2, 1, 3, 4).reshape(b, h_kv, -1, d) for t in (keys, values))
+        mask = attn.mask.repeat(1, group, 1)[:, None]  # [B, 1, G * Q, K]
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-        out = out.view(h_kv, b, group, width, d).permute(1, 3, 0, 2, 4).reshape(b, width, -1)
+        out = out.view(b, h_kv, group, width, d).permute(0, 3, 1, 2, 4).reshape(b, width, -1)
         flat = torch.empty(n, out.shape[-1], dtype=out.dtype, device=out.device)  # back to flat tokens
         valid = attn.query_index >= 0
         flat[attn.query_index[valid]] = out[valid]
@@ -187,12 +183,14 @@ class Attention(nn.Module):
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query row per (sequence, head): q [H_kv, B, G, D], k/v [H_kv, B, K, D], additive mask [B, 1, K]
-    -> [H_kv, B, G, D]. On CPU two batched matmuls beat the SDPA kernel here (softmax in float32)."""
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None])
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).add_(mask)
-    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)
+    """One query row per (sequence, head): q [B, H_kv, G, D]; k, v [B, M, H_kv, block_size, D] (each
+    sequence's blocks in order); additive mask [B, 1, M * block_size] -> [B, H_kv, G, D]. Scores are taken
+    block by block, so the gathered keys are never permuted into one contiguous context (softmax in float32)."""
+    b, m, h_kv, bs, d = k.shape
+    scores = torch.matmul(q[:, None], k.transpose(-1, -2))  # [B, M, H_kv, G, block_size]
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(b, h_kv, -1, m * bs).mul_(d**-0.5).add_(mask[:, None])
+    probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype).view(b, h_kv, -1, m, bs).permute(0, 3, 1, 2, 4)
+    return torch.matmul(probs, v).sum(1)  # [B, M, H_kv, G, D] summed over blocks
 
 
 class MLP(nn.Module):

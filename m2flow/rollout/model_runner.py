@@ -25,13 +25,12 @@ class ModelRunner:
         self.allocate_kv()
 
     def allocate_kv(self) -> None:
-        """[2, layers, H_kv, slots, D]; each attention layer gets views of its K and V slabs."""
+        """[2, layers, blocks, H_kv, block_size, D]; each attention layer gets views of its K and V slabs."""
         a = self.model.args
-        shape = (2, a.num_layers, a.num_kv_heads, self.num_blocks * self.block_size, a.head_dim)
+        shape = (2, a.num_layers, self.num_blocks, a.num_kv_heads, self.block_size, a.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-            layer.self_attn.block_size = self.block_size
 
     def free_kv(self) -> None:
         for layer in self.model.model.layers:
@@ -47,9 +46,9 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
 
-    def _slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Cache slot of each (sequence b, position positions[b, i]): [B, Q] -> [B, Q]."""
-        return tables.gather(1, positions // self.block_size) * self.block_size + positions % self.block_size
+    def _slots(self, tables: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cache block, offset in it) of each (sequence b, position positions[b, i]): [B, Q] -> 2 x [B, Q]."""
+        return tables.gather(1, positions // self.block_size), positions % self.block_size
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
@@ -67,18 +66,18 @@ class ModelRunner:
             query_index = torch.where(q_valid, first[:, None] + q_offset[None, :], -1)
             q_pos = torch.where(q_valid, starts[:, None] + q_offset[None, :], 0)  # [B, Q]; padding at 0
             positions = q_pos[q_valid]
-            slot_mapping = self._slots(tables, q_pos)[q_valid]
+            slot_blocks, slot_offsets = (t[q_valid] for t in self._slots(tables, q_pos))
             allowed = context[None, None, :] <= q_pos[:, :, None]  # causal
             last = first + new - 1
         else:
             positions = lengths - 1
             input_ids = self._tensor([s.token_ids[-1] for s in seqs])
-            slot_mapping = self._slots(tables, positions[:, None]).squeeze(1)
+            slot_blocks, slot_offsets = (t.squeeze(1) for t in self._slots(tables, positions[:, None]))
             query_index = None
             allowed = (context[None, :] < lengths[:, None])[:, None]  # [B, 1, K]
             last = None
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
-        attn = AttentionInputs(slot_mapping, tables, query_index, mask)
+        attn = AttentionInputs(slot_blocks, slot_offsets, tables, query_index, mask)
         hidden = self.model(input_ids, positions, attn)
         logits = self.model.logits(hidden if last is None else hidden[last])
         params = [s.params for s in seqs]
