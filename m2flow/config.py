@@ -76,6 +76,7 @@ class RolloutConfig:
     kv_cache_fraction: float = 0.3  # m2flow: share of free GPU memory for the KV cache when kv_cache_gb is 0
     prefix_caching: bool = True  # m2flow: samples of a prompt (and repeated prefixes) share KV blocks
     max_num_batched_tokens: int = 16384  # m2flow: prompt tokens computed in one prefill step
+    sleep_between_steps: bool = False  # m2flow: free the KV cache after each generation (collocated: memory for training)
 
 
 @dataclass
@@ -142,7 +143,6 @@ class EvalConfig:
     num_problems: int = 500  # held-out problems evaluated greedily before and after RL
     every: int = 0  # also evaluate every k RL steps (0 = only before and after)
     max_new_tokens: int = 48  # response length cap in evaluation
-    batch_size: int = 500  # sequences generated together in evaluation
 
 
 @dataclass
@@ -216,12 +216,14 @@ def validate(cfg: Config) -> None:
           f"got {r.n}")
     check(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}")
     check(0 <= r.top_p <= 1, f"rollout.top_p must be in [0, 1], got {r.top_p}")
+    check(not r.sleep_between_steps or r.backend == "m2flow",
+          f"rollout.sleep_between_steps needs rollout.backend=m2flow, got {r.backend!r}")
     check(r.kv_cache_gb >= 0, f"rollout.kv_cache_gb must be >= 0 (0 = auto), got {r.kv_cache_gb}")
     check(0 < r.kv_cache_fraction <= 1, f"rollout.kv_cache_fraction must be in (0, 1], got {r.kv_cache_fraction}")
     positive = {"train.steps": t.steps, "train.prompts_per_step": t.prompts_per_step,
                 "train.micro_batch_size": t.micro_batch_size, "rollout.max_new_tokens": r.max_new_tokens,
                 "eval.max_new_tokens": cfg.eval.max_new_tokens, "train.mini_batches": t.mini_batches,
-                "train.epochs": t.epochs, "rollout.batch_size": r.batch_size, "eval.batch_size": cfg.eval.batch_size,
+                "train.epochs": t.epochs, "rollout.batch_size": r.batch_size,
                 "rollout.block_size": r.block_size, "rollout.max_num_batched_tokens": r.max_num_batched_tokens}
     for key, value in positive.items():
         check(value > 0, f"{key} must be positive, got {value}")

@@ -30,9 +30,16 @@ class RolloutWorker:
                                   block_size=r.block_size, kv_cache_gb=r.kv_cache_gb,
                                   kv_cache_fraction=r.kv_cache_fraction, prefix_caching=r.prefix_caching)
             self.engine = Engine.from_pretrained(model_path, config, dtype=cfg.model.dtype)
+        self.sleep_between_steps = r.sleep_between_steps
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Sample]:
-        return self.engine.generate(prompts, params)
+        """Generates; with rollout.sleep_between_steps the engine wakes first and frees its KV cache after."""
+        if self.sleep_between_steps:
+            self.engine.wake()
+        samples = self.engine.generate(prompts, params)
+        if self.sleep_between_steps:
+            self.engine.sleep()
+        return samples
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], policy_version: int) -> None:
         self.engine.load_weights(state_dict, policy_version)

@@ -159,6 +159,13 @@ def test_config_error_is_value_error():
         ("model", {"dtype": "float16"}, "model.dtype"),
         ("cluster", {"placement": "disaggregated"}, "cluster.placement"),
         ("data", {"template": "alpaca"}, "data.template"),
+        ("rollout", {"backend": "vllm"}, "rollout.backend"),
+        ("rollout", {"backend": "hf", "sleep_between_steps": True}, "rollout.sleep_between_steps"),
+        ("rollout", {"block_size": 0}, "rollout.block_size"),
+        ("rollout", {"kv_cache_gb": -1.0}, "rollout.kv_cache_gb"),
+        ("rollout", {"kv_cache_fraction": 0.0}, "rollout.kv_cache_fraction"),
+        ("rollout", {"kv_cache_fraction": 1.5}, "rollout.kv_cache_fraction"),
+        ("rollout", {"max_num_batched_tokens": 0}, "rollout.max_num_batched_tokens"),
     ],
 )
 def test_validate_rejects(section, changes, key):
