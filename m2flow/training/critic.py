@@ -11,7 +11,7 @@ from m2flow.algorithms import value_loss
 from m2flow.batch import RolloutBatch
 from m2flow.config import AlgorithmConfig, CriticConfig, TrainConfig
 from m2flow.training.actor import apply_fsdp, full_state_dict, make_optimizer, optimize
-from m2flow.training.forward import position_ids_from_mask
+from m2flow.training.forward import response_logits
 
 
 def load_value_model(path: str, dtype: str = "float32"):
@@ -39,15 +39,8 @@ def zero_value_head(model) -> None:
 
 def response_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
     """V(s_t) for the last `response_len` tokens: the value head at the position that predicts token t (the
-    state before the token is chosen), [B, T] float32."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
-    width = input_ids.shape[1]
-    return out.logits[:, width - response_len - 1 : width - 1, 0].float()
+    state before the token is chosen), [B, T] float32. The value model's one-label "logits" are the values."""
+    return response_logits(model, input_ids, attention_mask, response_len)[..., 0]
 
 
 class Critic:
