@@ -230,10 +230,16 @@ class Engine:
                                        stops, tuple(params.stop_strings), seed)
                 seqs.append(Sequence(self._next_id, list(ids), len(ids), seq_params, prompt_index=i))
                 self._next_id += 1
+        for seq in seqs:  # all checked before any is queued: a refused call leaves the engine as it was
+            self.scheduler.check_fits(seq, min(len(seq) + params.max_new_tokens, self.max_model_len))
         for seq in seqs:
             self.scheduler.add(seq)
-        while not self.scheduler.is_finished():
-            self.step()
+        try:
+            while not self.scheduler.is_finished():
+                self.step()
+        except BaseException:
+            self.scheduler.abort_all()  # e.g. KeyboardInterrupt: the next call starts clean
+            raise
         return [self._to_sample(s) for s in seqs]
 
     def step(self) -> None:

@@ -23,12 +23,24 @@ class Scheduler:
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        need = seq.num_blocks(self.blocks.block_size) + 1
+    def check_fits(self, seq: Sequence, max_len: int) -> None:
+        """Raises unless `seq` can grow to `max_len` tokens (prompt + response) in the whole cache."""
+        need = -(-max_len // self.blocks.block_size)
         if need > len(self.blocks.blocks):
-            raise ValueError(f"a sequence of {len(seq)} tokens needs {need} KV blocks but the cache has only "
-                             f"{len(self.blocks.blocks)}: raise rollout.kv_cache_gb or shorten the prompts")
+            raise ValueError(f"a sequence of up to {max_len} tokens needs {need} KV blocks but the cache has only "
+                             f"{len(self.blocks.blocks)}: raise rollout.kv_cache_gb or shorten prompts / responses")
+
+    def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def abort_all(self) -> None:
+        """Drops every queued and running sequence and frees its blocks (after an interrupted step). Cached
+        prefixes are forgotten too: an interrupted prefill may have registered blocks it never wrote."""
+        for seq in list(self.running):
+            self.blocks.free(seq)
+        self.running.clear()
+        self.waiting.clear()
+        self.blocks.reset_prefix_cache()
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running

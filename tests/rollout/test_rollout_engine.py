@@ -233,3 +233,31 @@ def test_config_errors(model_dir, prompts, tokenizer):
     short = tokenizer.decode(tokenizer(prompts[0], add_special_tokens=False)["input_ids"][:10])
     out = engine.generate([short], SamplingParams(temperature=1.0, max_new_tokens=50, seed=0, ignore_eos=True))
     assert len(out[0].prompt_ids) + len(out[0].token_ids) == 16 and out[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("fail_at_call", [1, 3])  # during the prefill (blocks registered, never written), a decode
+def test_refused_or_interrupted_calls_leave_the_engine_clean(model_dir, prompts, fail_at_call):
+    engine = make_engine(model_dir, block_size=4, kv_cache_gb=40 * 4 * 256 / 2**30)  # 40 blocks = 160 tokens
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=0)
+    expected = engine.generate(prompts[:3], params)
+    with pytest.raises(ValueError, match="needs 4[0-9] KV blocks but the cache has only 40"):
+        engine.generate(prompts[:3], SamplingParams(max_new_tokens=150))  # could outgrow the whole cache
+    assert engine.scheduler.is_finished() and engine.block_manager.num_free == 40
+
+    calls = {"n": 0}
+    run = engine.runner.run
+
+    def failing_run(seqs, is_prefill):
+        calls["n"] += 1
+        if calls["n"] == fail_at_call:
+            raise KeyboardInterrupt
+        return run(seqs, is_prefill)
+
+    engine.runner.run = failing_run
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(prompts[3:6], params)  # new prompts: their blocks are registered in this call
+    engine.runner.run = run
+    assert engine.scheduler.is_finished() and engine.block_manager.num_free == 40
+    fresh = make_engine(model_dir, block_size=4, kv_cache_gb=40 * 4 * 256 / 2**30)
+    assert _tokens(engine.generate(prompts[3:6], params)) == _tokens(fresh.generate(prompts[3:6], params))
+    assert _tokens(engine.generate(prompts[:3], params)) == _tokens(expected)
