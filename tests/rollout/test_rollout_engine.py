@@ -261,3 +261,15 @@ def test_refused_or_interrupted_calls_leave_the_engine_clean(model_dir, prompts,
     fresh = make_engine(model_dir, block_size=4, kv_cache_gb=40 * 4 * 256 / 2**30)
     assert _tokens(engine.generate(prompts[3:6], params)) == _tokens(fresh.generate(prompts[3:6], params))
     assert _tokens(engine.generate(prompts[:3], params)) == _tokens(expected)
+
+
+def test_bfloat16_engine_runs_and_tracks_the_bf16_trainer(model_dir, hf_model, tokenizer, prompts):
+    """bf16 weights and KV cache, float32 rotary frequencies and sampling; logprobs close to transformers in
+    bf16 (not equal: the op order differs, which is what algorithm.tis_cap corrects for)."""
+    engine = Engine.from_pretrained(model_dir, dtype="bfloat16")
+    assert next(engine.model.parameters()).dtype == torch.bfloat16 and engine.runner.kv_cache.dtype == torch.bfloat16
+    assert engine.model.inv_freq.dtype == torch.float32
+    samples = engine.generate(prompts[:8], SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=0))
+    trainer, rollout = _trainer_logprobs(copy.deepcopy(hf_model).to(torch.bfloat16), samples, tokenizer, 1.0)
+    assert torch.isfinite(rollout).all() and rollout.numel() > 50
+    assert (trainer - rollout).abs().mean() < 0.05  # measured 0.017
