@@ -12,6 +12,8 @@ before top-p / top-k truncation (raw logits when greedy), the distribution the t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -27,11 +29,15 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+@functools.lru_cache(maxsize=8)
+def _vocab_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
+    return mix32(torch.arange(vocab_size, device=device, dtype=torch.int64) + 0x1B873593)
+
+
 def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """u in (0, 1) of shape [B, V] (float32), a deterministic function of (seed, position, vocab index)."""
     row = mix32(seeds ^ mix32((positions * 0x61C88647 + 0x3C6EF372) & MASK32))
-    col = mix32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) + 0x1B873593)
-    h = mix32(row[:, None] ^ col[None, :])
+    h = mix32(row[:, None] ^ _vocab_keys(vocab_size, seeds.device)[None, :])
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
@@ -61,10 +67,11 @@ def sample(
     greedy = temperature == 0
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
     logprobs_all = torch.log_softmax(scaled, dim=-1)
-    candidates = scaled
-    if bool(((top_k > 0) | (top_p < 1)).any()):
-        candidates = truncate(scaled, top_k, top_p)
-    gumbel = -torch.log(-torch.log(uniform_noise(seeds, positions, logits.shape[-1])))
-    sampled = (candidates + gumbel).argmax(dim=-1)
-    tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
+    tokens = logits.argmax(dim=-1)
+    if not bool(greedy.all()):  # (an all-greedy batch, e.g. evaluation, needs no noise)
+        candidates = scaled
+        if bool(((top_k > 0) | (top_p < 1)).any()):
+            candidates = truncate(scaled, top_k, top_p)
+        gumbel = -torch.log(-torch.log(uniform_noise(seeds, positions, logits.shape[-1])))
+        tokens = torch.where(greedy, tokens, (candidates + gumbel).argmax(dim=-1))
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
