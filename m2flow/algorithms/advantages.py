@@ -142,15 +142,8 @@ def discounted_returns(token_rewards: torch.Tensor, response_mask: torch.Tensor,
     """Return-to-go ``G_t = r_t + gamma * G_next`` over the valid tokens: token_rewards [B, T], response_mask
     [B, T] -> [B, T], 0 where the mask is 0. Masked positions (padding, or tool output inside a response)
     are skipped: they neither earn reward nor count as a discount step. With gamma = 1 and an outcome score
-    on the last token, every valid token's return is the score."""
-    valid = response_mask.bool()
-    r = torch.where(valid, token_rewards.to(float_dtype(token_rewards)), 0.0)
-    out = torch.zeros_like(r)
-    running = torch.zeros_like(r[:, 0])
-    for t in reversed(range(r.shape[1])):
-        running = torch.where(valid[:, t], r[:, t] + gamma * running, running)
-        out[:, t] = running
-    return torch.where(valid, out, 0.0)
+    on the last token, every valid token's return is the score. (GAE with zero values and lam = 1.)"""
+    return gae_advantages(token_rewards, torch.zeros_like(token_rewards), response_mask, gamma, lam=1.0)[0]
 
 
 def _require_mask(response_mask: torch.Tensor | None, name: str) -> torch.Tensor:

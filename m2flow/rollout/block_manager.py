@@ -72,12 +72,13 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def allocate(self, seq: Sequence) -> None:
-        """Block table for all of `seq`'s tokens, reusing cached full blocks of its prefix. Full blocks are
-        registered for reuse at once: sequences in the same prefill step read them after this one writes."""
+    def allocate(self, seq: Sequence, cached: list[int] | None = None) -> None:
+        """Block table for all of `seq`'s tokens, reusing cached full blocks of its prefix (`cached`, if the
+        caller has just looked them up with `cached_prefix`). Full blocks are registered for reuse at once:
+        sequences in the same prefill step read them after this one writes."""
         assert not seq.block_table
         bs = self.block_size
-        for block_id in self.cached_prefix(seq):
+        for block_id in self.cached_prefix(seq) if cached is None else cached:
             block = self.blocks[block_id]
             if block.ref_count == 0:  # a freed block still holding this prefix: take it back
                 self.free_ids.remove(block_id)

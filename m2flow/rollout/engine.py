@@ -192,8 +192,7 @@ class Engine:
             raise RuntimeError("cannot sleep while sequences are being generated")
         self.runner.free_kv()
         self.block_manager.reset_prefix_cache()
-        self._device = self.runner.device
-        if offload_weights and self._device.type != "cpu":
+        if offload_weights and self.runner.device.type != "cpu":
             self.model.to("cpu")
             torch.cuda.empty_cache()
         self.sleeping = True
@@ -201,7 +200,7 @@ class Engine:
     def wake(self) -> None:
         if not self.sleeping:
             return
-        self.model.to(self._device)
+        self.model.to(self.runner.device)
         self.runner.allocate_kv()
         self.sleeping = False
 

@@ -11,7 +11,7 @@ from m2flow.rollout.sequence import Sequence
 
 def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
     a = model.args
-    return 2 * a.num_layers * a.num_kv_heads * a.head_dim * torch.empty(0, dtype=dtype).element_size()
+    return 2 * a.num_layers * a.num_kv_heads * a.head_dim * dtype.itemsize
 
 
 class ModelRunner:

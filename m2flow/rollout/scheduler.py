@@ -50,10 +50,11 @@ class Scheduler:
         scheduled, num_tokens = [], 0
         while self.waiting and len(self.running) + len(scheduled) < self.max_num_seqs:
             seq = self.waiting[0]
-            new_tokens = len(seq) - len(self.blocks.cached_prefix(seq)) * self.blocks.block_size
+            cached = self.blocks.cached_prefix(seq)
+            new_tokens = len(seq) - len(cached) * self.blocks.block_size
             if not self.blocks.can_allocate(seq) or (scheduled and num_tokens + new_tokens > self.max_num_batched_tokens):
                 break
-            self.blocks.allocate(seq)
+            self.blocks.allocate(seq, cached)
             num_tokens += new_tokens
             seq.status = Status.RUNNING
             scheduled.append(self.waiting.popleft())
