@@ -12,9 +12,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	@# CPU machines: install the CPU build of torch first (a plain `torch` pulls a multi-GB CUDA build).
+	@# CPU machines: install the CPU build of torch first (a plain `torch` pulls a multi-GB CUDA build), and
+	@# triton, which CUDA torch brings along: the tests run the paged-attention kernel in its interpreter.
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
-	else $(BIN)/pip install -q torch==2.13.0; fi
+	else $(BIN)/pip install -q torch==2.13.0 triton==3.9.0; fi
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 

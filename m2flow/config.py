@@ -77,6 +77,7 @@ class RolloutConfig:
     prefix_caching: bool = True  # m2flow: samples of a prompt (and repeated prefixes) share KV blocks
     max_num_batched_tokens: int = 16384  # m2flow: prompt tokens computed in one prefill step
     sleep_between_steps: bool = False  # m2flow: free the KV cache after each generation (collocated: memory for training)
+    cuda_graphs: bool = True  # m2flow on a GPU: replay decode steps as CUDA graphs (false: eager, for debugging)
 
 
 @dataclass

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels (the paged decode attention) run in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 MICRO = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
 

@@ -77,18 +77,23 @@ class AttentionInputs:
     """Where a step's tokens go in the KV cache and what each query may attend to.
 
     slot_blocks, slot_offsets [N]: the cache block and the offset in it of each new token.
-    block_tables [B, M]: each sequence's KV blocks in position order (padded with block 0).
-    query_index [B, Q] or None: flat token index of each sequence's queries, -1 where padded; None =
-        decode (Q = 1, token b belongs to sequence b).
-    mask [B, Q, M * block_size] float: 0 where the query may attend to the key (causal, within the
-        context), -inf elsewhere; padded queries attend to key 0 only. Q = 1 in decode steps.
+    block_tables [B, M]: each sequence's KV blocks in position order (padded with any valid block).
+    Prefill steps:
+      query_index [B, Q]: flat token index of each sequence's queries, -1 where padded.
+      mask [B, Q, M * block_size] float: 0 where the query may attend to the key (causal, within the
+        context), -inf elsewhere; padded queries attend to key 0 only.
+    Decode steps (one query per sequence, token b belongs to sequence b; query_index and mask are None):
+      context_lens [B]: tokens each query attends to (its own included).
+      max_context: an upper bound on context_lens (a Python int; sizes the paged kernel's launch).
     """
 
     slot_blocks: torch.Tensor
     slot_offsets: torch.Tensor
     block_tables: torch.Tensor
-    query_index: torch.Tensor | None
-    mask: torch.Tensor
+    query_index: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    max_context: int = 0
 
 
 # HF weight name part -> (our fused parameter name part, shard index); shard sizes come from ModelArgs.
@@ -152,8 +157,10 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
-        # [num_blocks, H_kv, block_size, D] views of this layer's cache, set by the model runner
+        # [num_blocks, H_kv, block_size, D] views of this layer's cache, and the paged decode kernel
+        # (paged_attention.paged_decode_attention) or None for the gather path: set by the model runner
         self.k_cache = self.v_cache = torch.empty(0)
+        self.decode_kernel = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         n, h_kv, group, d = x.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
@@ -163,12 +170,16 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(n, h_kv, d)
         self.k_cache[attn.slot_blocks, :, attn.slot_offsets] = k.to(self.k_cache.dtype)
         self.v_cache[attn.slot_blocks, :, attn.slot_offsets] = v.to(self.v_cache.dtype)
+        if attn.query_index is None and self.decode_kernel is not None:  # decode, blocks read in place
+            out = self.decode_kernel(q.reshape(n, -1, d), self.k_cache, self.v_cache, attn.block_tables,
+                                     attn.context_lens, attn.max_context)
+            return self.o_proj(out.reshape(n, -1))
         b, m = attn.block_tables.shape  # each sequence's blocks, gathered whole: [B, M, H_kv, block_size, D]
         keys = self.k_cache.index_select(0, attn.block_tables.reshape(-1)).view(b, m, *self.k_cache.shape[1:])
         values = self.v_cache.index_select(0, attn.block_tables.reshape(-1)).view(b, m, *self.v_cache.shape[1:])
         # GQA without repeating keys: the G query heads that share a KV head become G query rows
         if attn.query_index is None:  # decode: one query per sequence
-            out = decode_attention(q.view(n, h_kv, group, d), keys, values, attn.mask)
+            out = decode_attention(q.view(n, h_kv, group, d), keys, values, attn.context_lens)
             return self.o_proj(out.reshape(n, -1))
         width = attn.query_index.shape[1]  # prefill: [B, Q, H, D] -> [B, H_kv, G * Q, D]
         queries = q[attn.query_index].view(b, width, h_kv, group, d).permute(0, 2, 3, 1, 4).reshape(b, h_kv, -1, d)
@@ -182,13 +193,16 @@ class Attention(nn.Module):
         return self.o_proj(flat)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
     """One query row per (sequence, head): q [B, H_kv, G, D]; k, v [B, M, H_kv, block_size, D] (each
-    sequence's blocks in order); additive mask [B, 1, M * block_size] -> [B, H_kv, G, D]. Scores are taken
-    block by block, so the gathered keys are never permuted into one contiguous context (softmax in float32)."""
+    sequence's blocks in order); sequence b attends to its first context_lens[b] keys -> [B, H_kv, G, D].
+    Scores are taken block by block, so the gathered keys are never permuted into one contiguous context
+    (softmax in float32)."""
     b, m, h_kv, bs, d = k.shape
     scores = torch.matmul(q[:, None], k.transpose(-1, -2))  # [B, M, H_kv, G, block_size]
-    scores = scores.permute(0, 2, 3, 1, 4).reshape(b, h_kv, -1, m * bs).mul_(d**-0.5).add_(mask[:, None])
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(b, h_kv, -1, m * bs).mul_(d**-0.5)
+    beyond = torch.arange(m * bs, device=k.device)[None, :] >= context_lens[:, None]  # [B, K]
+    scores.masked_fill_(beyond[:, None, None], float("-inf"))
     probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype).view(b, h_kv, -1, m, bs).permute(0, 3, 1, 2, 4)
     return torch.matmul(probs, v).sum(1)  # [B, M, H_kv, G, D] summed over blocks
 

@@ -1,4 +1,9 @@
-"""Owns the model and its KV cache; turns a scheduled step into flat model inputs, runs it, samples."""
+"""Owns the model and its KV cache; turns a scheduled step into flat model inputs, runs it, samples.
+
+On a GPU, decode steps run the paged Triton kernel (blocks read in place) and replay CUDA graphs: the
+decode forward is captured once per batch-size bucket over static input buffers (`DecodeGraphs`), so a
+step costs one graph launch instead of hundreds of kernel launches. Prefill steps and sampling run eagerly.
+"""
 
 from __future__ import annotations
 
@@ -14,28 +19,106 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
     return 2 * a.num_layers * a.num_kv_heads * a.head_dim * dtype.itemsize
 
 
+class DecodeGraphs:
+    """The decode forward over static input buffers, padded up to a few batch sizes and replayed as CUDA
+    graphs (one per size, captured largest first in one memory pool). Padded rows write their keys and
+    values to a scratch block and attend to one token of it. With `capture=False` the same padded forward
+    runs eagerly: how the tests check the buffers and the padding on a CPU."""
+
+    def __init__(self, model: CausalLM, max_batch: int, max_blocks: int, block_size: int, scratch_block: int,
+                 capture: bool):
+        self.model, self.capture, self.scratch = model, capture, scratch_block
+        self.max_context = max_blocks * block_size
+        self.sizes = sorted({*(s for s in (1, 2, 4, 8) if s < max_batch), *range(16, max_batch, 16), max_batch})
+        ints = dict(dtype=torch.int64, device=next(model.parameters()).device)
+        self.input_ids = torch.zeros(max_batch, **ints)
+        self.positions = torch.zeros(max_batch, **ints)
+        self.slot_blocks = torch.full((max_batch,), scratch_block, **ints)
+        self.slot_offsets = torch.zeros(max_batch, **ints)
+        self.block_tables = torch.full((max_batch, max_blocks), scratch_block, **ints)
+        self.context_lens = torch.ones(max_batch, **ints)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        if capture:
+            self._capture()
+
+    def _forward(self, size: int) -> torch.Tensor:
+        attn = AttentionInputs(self.slot_blocks[:size], self.slot_offsets[:size], self.block_tables[:size],
+                               context_lens=self.context_lens[:size], max_context=self.max_context)
+        return self.model(self.input_ids[:size], self.positions[:size], attn)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = None
+        for size in reversed(self.sizes):
+            self._forward(size)  # warm-up outside the graph (compiles the Triton kernel for this launch)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = self._forward(size)
+            pool = pool or graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_blocks: torch.Tensor,
+            slot_offsets: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, hidden] of one decode step for B <= max_batch sequences."""
+        b, width = block_tables.shape
+        size = next(s for s in self.sizes if s >= b)
+        for buffer, values, pad in ((self.input_ids, input_ids, 0), (self.positions, positions, 0),
+                                    (self.slot_blocks, slot_blocks, self.scratch), (self.slot_offsets, slot_offsets, 0),
+                                    (self.context_lens, context_lens, 1)):
+            buffer[:b] = values
+            buffer[b:size] = pad
+        self.block_tables[:b, :width] = block_tables  # entries past a sequence's context are never read
+        self.block_tables[b:size, 0] = self.scratch
+        if self.capture:
+            self.graphs[size].replay()
+            return self.outputs[size][:b]
+        return self._forward(size)[:b]
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, block_size: int, num_blocks: int):
+    def __init__(self, model: CausalLM, block_size: int, num_blocks: int, max_num_seqs: int = 0,
+                 max_model_len: int = 0, paged_kernel: bool = False, static_decode: bool = False,
+                 cuda_graphs: bool = False):
+        """`num_blocks` usable KV blocks (one more, the scratch block, is allocated for padded rows).
+        `paged_kernel`: decode attention by the Triton kernel instead of gathering blocks. `static_decode`:
+        decode through `DecodeGraphs` (for up to `max_num_seqs` sequences of up to `max_model_len` tokens),
+        captured as CUDA graphs with `cuda_graphs`."""
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self.static_decode, self.cuda_graphs = static_decode, cuda_graphs
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        kernel = None
+        if paged_kernel:
+            from m2flow.rollout.paged_attention import paged_decode_attention as kernel
+        for layer in model.model.layers:
+            layer.self_attn.decode_kernel = kernel
         self.kv_cache: torch.Tensor | None = None
+        self.graphs: DecodeGraphs | None = None
         self.allocate_kv()
 
     def allocate_kv(self) -> None:
-        """[2, layers, blocks, H_kv, block_size, D]; each attention layer gets views of its K and V slabs."""
+        """[2, layers, blocks + 1, H_kv, block_size, D]; each attention layer gets views of its K and V slabs;
+        the decode graphs (which hold the cache's and the weights' addresses) are captured again."""
         a = self.model.args
-        shape = (2, a.num_layers, self.num_blocks, a.num_kv_heads, self.block_size, a.head_dim)
+        shape = (2, a.num_layers, self.num_blocks + 1, a.num_kv_heads, self.block_size, a.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        if self.static_decode:
+            max_blocks = -(-self.max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.max_num_seqs, max_blocks, self.block_size,
+                                       scratch_block=self.num_blocks, capture=self.cuda_graphs)
 
     def free_kv(self) -> None:
         for layer in self.model.model.layers:
             layer.self_attn.k_cache = layer.self_attn.v_cache = torch.empty(0)
         self.kv_cache = None
+        self.graphs = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -55,8 +138,8 @@ class ModelRunner:
         """Computes the KV of each sequence's uncomputed tokens and samples its next token."""
         lengths = self._tensor([len(s) for s in seqs])
         tables = self._block_tables(seqs)
-        context = torch.arange(tables.shape[1] * self.block_size, device=self.device)
         if is_prefill:
+            context = torch.arange(tables.shape[1] * self.block_size, device=self.device)
             starts = self._tensor([s.num_computed_tokens for s in seqs])
             input_ids = self._tensor([t for s in seqs for t in s.token_ids[s.num_computed_tokens :]])
             new = lengths - starts  # tokens to compute per sequence
@@ -68,18 +151,20 @@ class ModelRunner:
             positions = q_pos[q_valid]
             slot_blocks, slot_offsets = (t[q_valid] for t in self._slots(tables, q_pos))
             allowed = context[None, None, :] <= q_pos[:, :, None]  # causal
-            last = first + new - 1
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+            attn = AttentionInputs(slot_blocks, slot_offsets, tables, query_index, mask)
+            hidden = self.model(input_ids, positions, attn)[first + new - 1]  # each sequence's last token
         else:
             positions = lengths - 1
             input_ids = self._tensor([s.token_ids[-1] for s in seqs])
             slot_blocks, slot_offsets = (t.squeeze(1) for t in self._slots(tables, positions[:, None]))
-            query_index = None
-            allowed = (context[None, :] < lengths[:, None])[:, None]  # [B, 1, K]
-            last = None
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
-        attn = AttentionInputs(slot_blocks, slot_offsets, tables, query_index, mask)
-        hidden = self.model(input_ids, positions, attn)
-        logits = self.model.logits(hidden if last is None else hidden[last])
+            if self.graphs is not None:
+                hidden = self.graphs.run(input_ids, positions, slot_blocks, slot_offsets, tables, lengths)
+            else:
+                attn = AttentionInputs(slot_blocks, slot_offsets, tables, context_lens=lengths,
+                                       max_context=max(len(s) for s in seqs))
+                hidden = self.model(input_ids, positions, attn)
+        logits = self.model.logits(hidden)
         params = [s.params for s in seqs]
         tokens, logprobs = sample(
             logits,

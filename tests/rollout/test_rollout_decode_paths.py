@@ -1,0 +1,99 @@
+"""The GPU decode paths, checked on CPU: the paged Triton kernel (in Triton's interpreter) and the padded
+static buffers that CUDA graphs replay (run eagerly here) give the results of the default gather path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m2flow.rollout import SamplingParams
+from m2flow.rollout.engine import Engine, EngineConfig
+from m2flow.rollout.model_runner import DecodeGraphs, ModelRunner
+from m2flow.training.checkpoint import save_hf_checkpoint
+
+STOP = list(range(100, 130))  # frequent enough that some sampled sequences stop early
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_micro_model, tokenizer, tmp_path_factory):
+    model = make_micro_model(seed=5)
+    for p in model.parameters():  # a wider init: varied, peaked next-token distributions
+        p.data.mul_(8.0)
+    return save_hf_checkpoint(str(tmp_path_factory.mktemp("micro") / "model"), model.config, model.state_dict(),
+                              tokenizer)
+
+
+def make_engine(model_dir, paged_kernel=False, static_decode=False, **config) -> Engine:
+    engine = Engine.from_pretrained(model_dir, EngineConfig(max_num_seqs=24, max_model_len=160, **config))
+    if paged_kernel or static_decode:  # what a GPU engine builds (without capturing graphs on a CPU)
+        engine.runner = ModelRunner(engine.model, engine.config.block_size, engine.num_blocks, 24, 160,
+                                    paged_kernel=paged_kernel, static_decode=static_decode, cuda_graphs=False)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def prompts(chat_prompts):
+    return chat_prompts(7, seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, prompts):
+    """Greedy and sampled outputs of the default (gather) path: 7 prompts x 3 samples = 21 sequences."""
+    engine = make_engine(model_dir)
+    greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=20))
+    sampled = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=20, seed=3, stop_token_ids=STOP))
+    assert {s.finish_reason for s in sampled} == {"stop", "length"}, "sequences end at different steps"
+    return greedy, sampled
+
+
+def _same(ours, ref, atol):
+    assert [s.token_ids for s in ours] == [s.token_ids for s in ref]
+    assert [s.finish_reason for s in ours] == [s.finish_reason for s in ref]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("paged_kernel, static_decode", [(True, False), (False, True), (True, True)])
+def test_decode_paths_match_the_gather_path(model_dir, prompts, reference, paged_kernel, static_decode):
+    engine = make_engine(model_dir, paged_kernel, static_decode)
+    greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=20))
+    sampled = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=20, seed=3, stop_token_ids=STOP))
+    _same(greedy, reference[0], atol=1e-4)
+    _same(sampled, reference[1], atol=1e-4)
+
+
+def test_static_buffers_pad_to_bucket_sizes(model_dir, prompts):
+    """21 sequences run in the 24-row bucket, 5 in the 8-row one; padded rows write only the scratch block."""
+    engine = make_engine(model_dir, static_decode=True)
+    graphs = engine.runner.graphs
+    assert isinstance(graphs, DecodeGraphs) and graphs.sizes == [1, 2, 4, 8, 16, 24]
+    assert graphs.scratch == engine.num_blocks and engine.runner.kv_cache.shape[2] == engine.num_blocks + 1
+    sizes = []
+    forward = graphs._forward
+    graphs._forward = lambda size: sizes.append(size) or forward(size)
+    engine.generate(prompts[:5], SamplingParams(temperature=0.0, max_new_tokens=4))
+    assert sizes == [8] * 3  # 5 sequences, 3 decode steps after the prefill
+    assert graphs.context_lens[5:8].tolist() == [1, 1, 1] and graphs.slot_blocks[5:8].tolist() == [engine.num_blocks] * 3
+
+
+def test_sleep_and_wake_rebuild_the_static_buffers(model_dir, prompts, reference):
+    engine = make_engine(model_dir, static_decode=True)
+    engine.sleep()
+    assert engine.runner.graphs is None  # graphs hold the freed cache's addresses
+    engine.wake()
+    assert engine.runner.graphs is not None
+    _same(engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=20)), reference[0], atol=1e-4)
+
+
+def test_attention_kernel_choices(model_dir):
+    with pytest.raises(ValueError, match="attention_kernel must be one of auto, triton, torch"):
+        EngineConfig(attention_kernel="flash")
+    engine = Engine.from_pretrained(model_dir, EngineConfig(max_num_seqs=4, max_model_len=64))
+    assert engine.model.model.layers[0].self_attn.decode_kernel is None  # auto on CPU: the gather path
+    assert engine.runner.graphs is None  # no CUDA graphs on CPU
+
+
+def test_triton_on_cpu_needs_the_interpreter(model_dir, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        Engine.from_pretrained(model_dir, EngineConfig(max_num_seqs=4, max_model_len=64, attention_kernel="triton"))
