@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.m2flow-installed
 
-.PHONY: setup demo test test-slow docs clean
+.PHONY: setup demo test test-slow test-gpu docs clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ test: setup
 
 test-slow: setup
 	RAY_AUTH_MODE=disabled $(BIN)/pytest -q -m slow
+
+test-gpu: setup
+	$(BIN)/pytest -q -m "gpu or not slow" tests/gpu tests/rollout
 
 docs: setup
 	$(BIN)/python -m m2flow.config > docs/configuration.md

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 
-from m2flow.config import ConfigError, load_config
 
 DEMO_HELP = """Runs the embedded default experiment: builds (or reuses) a tiny warm-started Qwen2 base model,
 measures its greedy held-out accuracy on synthetic math problems, trains it with GRPO on Ray, measures
@@ -62,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "transformers", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command == "bench":
+    if args.command == "bench":  # needs only torch and transformers (runs on a bare GPU machine)
         return _bench(args)
+    from m2flow.config import ConfigError, load_config
+
     try:
         cfg = load_config(getattr(args, "config", None), args.overrides)
     except ConfigError as e:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from m2flow.rollout import Engine, EngineConfig, HFEngine, SamplingParams
+from m2flow.rollout import Engine, EngineConfig, SamplingParams
 from m2flow.rollout.model_runner import kv_bytes_per_token
 
 # Architectures with random weights (no download): the tiny default, and Qwen2.5-1.5B's.
@@ -84,6 +84,27 @@ def prompt_ids(tokenizer, batch_size: int, prompt_tokens: int, vocab: int, seed:
     return torch.randint(2, min(vocab, 250), (batch_size, prompt_tokens), generator=gen).tolist()
 
 
+@torch.inference_mode()
+def hf_generate(model, prompt_ids: list[list[int]], params: SamplingParams, tokenizer) -> list[int]:
+    """transformers `generate` on the same prompts (left-padded, `params.n` samples each, one batch); returns
+    the tokens generated per sequence, up to and including EOS. It keeps no logits (m2flow's engine returns
+    logprobs on top of its tokens)."""
+    rows = [ids for ids in prompt_ids for _ in range(params.n)]
+    width, pad, eos = max(map(len, rows)), tokenizer.pad_token_id, tokenizer.eos_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[i, width - len(ids) :] = 1
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
+                         temperature=params.temperature, top_p=1.0, top_k=0, max_new_tokens=params.max_new_tokens,
+                         min_new_tokens=params.max_new_tokens if params.ignore_eos else None, eos_token_id=eos,
+                         pad_token_id=pad)
+    new = out[:, width:].tolist()
+    return [len(t) if params.ignore_eos or eos not in t else t.index(eos) + 1 for t in new]
+
+
 def measure_bandwidth(device: str, gib: float = 1.0) -> float:
     """Device memory bandwidth in bytes/s: a large copy reads and writes every byte once."""
     n = int(gib * (1 << 30)) // 4
@@ -132,8 +153,7 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
     if compare_hf:
         from transformers import AutoModelForCausalLM
 
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-        hf = HFEngine(hf_model, tokenizer, batch_size=max_batch)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     params = SamplingParams(n=n, temperature=1.0, max_new_tokens=new_tokens, ignore_eos=not stop_at_eos, seed=0)
     args = engine.model.args
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
@@ -141,21 +161,20 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
     rows = []
     for b in batch_sizes:
         ids = prompt_ids(tokenizer, max(b // n, 1), prompt_tokens, args.vocab_size)
-        prompts = [tokenizer.decode(t) for t in ids]
         warm = SamplingParams(max_new_tokens=2, ignore_eos=True)
         engine.generate_ids(ids[:1], warm)
         with_hf = hf is not None and b <= hf_max_batch
         if with_hf:
-            hf.generate(prompts[:1], warm)
+            hf_generate(hf, ids[:1], warm, tokenizer)
         out, ref, ours_s, hf_s = [], [], float("inf"), float("inf")
         for _ in range(repeats):  # interleaved, so a disturbance or an order effect hits both engines alike
             ours_s = min(ours_s, _time(lambda: out.append(engine.generate_ids(ids, params)), device))
             if with_hf:
-                hf_s = min(hf_s, _time(lambda: ref.append(hf.generate(prompts, params)), device))
+                hf_s = min(hf_s, _time(lambda: ref.append(hf_generate(hf, ids, params, tokenizer)), device))
         total = sum(len(s.token_ids) for s in out[0])
         row = Row(b, round(sum(map(len, ids)) / len(ids)), round(total / len(out[0])), total / ours_s, None, None)
         if with_hf:
-            hf_total = sum(len(s.token_ids) for s in ref[0])  # differs from ours only with stop_at_eos
+            hf_total = sum(ref[0])  # differs from ours only with stop_at_eos
             row.hf_tokens_per_s = hf_total / hf_s
             row.ratio = row.ours_tokens_per_s / row.hf_tokens_per_s
         if bandwidth:  # decode only: time of `new_tokens` decode steps minus one prefill-only call

@@ -52,6 +52,8 @@ class HFEngine:
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
         greedy = params.temperature == 0
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

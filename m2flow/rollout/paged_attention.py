@@ -20,11 +20,11 @@ TILE = 64  # context tokens per loop iteration
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale, split_len,
                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_tb, stride_ob, stride_oh,
                    stride_os, stride_lb, stride_lh,
                    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLIT_LEN: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, DOT_DTYPE: tl.constexpr):
     b, h_kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(lens_ptr + b)
     g, d = tl.arange(0, GROUP_P), tl.arange(0, DIM_P)
@@ -36,8 +36,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, 
     m = tl.full([GROUP_P], float("-inf"), tl.float32)  # running max of the scores
     l = tl.zeros([GROUP_P], tl.float32)  # running sum of exp(score - m)
     acc = tl.zeros([GROUP_P, DIM_P], tl.float32)  # running sum of exp(score - m) * value
-    start = split * SPLIT_LEN
-    end = tl.minimum(start + SPLIT_LEN, length)
+    start = split * split_len  # a runtime value: no recompilation when the context grows
+    end = tl.minimum(start + split_len, length)
     for t0 in range(start, end, TILE):
         t = t0 + tl.arange(0, TILE)
         t_ok = t < end
@@ -97,11 +97,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and q.stride(-1) == 1
     assert block_tables.stride(-1) == 1
     _decode_kernel[(b, h_kv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, lse, d**-0.5,
+        q, k_cache, v_cache, block_tables, context_lens, out, lse, d**-0.5, split_len,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, DIM_P=max(16, triton.next_power_of_2(d)),
-        BLOCK_SIZE=block_size, TILE=TILE, SPLIT_LEN=split_len, DOT_DTYPE=_dot_dtype(k_cache.dtype),
+        BLOCK_SIZE=block_size, TILE=TILE, DOT_DTYPE=_dot_dtype(k_cache.dtype),
     )
     if splits == 1:
         return out[:, :, 0].to(q.dtype)

@@ -23,8 +23,12 @@ def model_dir(make_micro_model, tokenizer, tmp_path_factory):
                               tokenizer)
 
 
-def make_engine(model_dir, paged_kernel=False, static_decode=False, **config) -> Engine:
-    engine = Engine.from_pretrained(model_dir, EngineConfig(max_num_seqs=24, max_model_len=160, **config))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel runs natively on a GPU machine
+
+
+def make_engine(model_dir, paged_kernel=False, static_decode=False) -> Engine:
+    config = EngineConfig(max_num_seqs=24, max_model_len=160, cuda_graphs=False, attention_kernel="torch")
+    engine = Engine.from_pretrained(model_dir, config, device=DEVICE)
     if paged_kernel or static_decode:  # what a GPU engine builds (without capturing graphs on a CPU)
         engine.runner = ModelRunner(engine.model, engine.config.block_size, engine.num_blocks, 24, 160,
                                     paged_kernel=paged_kernel, static_decode=static_decode, cuda_graphs=False)

@@ -1,0 +1,39 @@
+"""`m2flow bench rollout` runs end to end on the tiny preset (a smoke run: speed is measured by the
+command, never asserted in tests) and writes its JSON result."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from m2flow.bench.rollout import hf_generate, run_benchmark
+from m2flow.rollout import SamplingParams
+
+
+def test_bench_rollout_writes_rows_for_each_batch_size(tmp_path):
+    torch.set_num_threads(1)
+    result = run_benchmark("tiny", batch_sizes=(1, 4), new_tokens=6, repeats=1, out_dir=str(tmp_path), log=lambda s: None)
+    saved = json.loads(open(result["path"]).read())
+    assert result["path"].endswith("-tiny.json") and saved["preset"] == "tiny" and saved["dtype"] == "float32"
+    assert [r["batch_size"] for r in saved["rows"]] == [1, 4]
+    for row in saved["rows"]:
+        assert row["new_tokens"] == 6 and row["prompt_tokens"] > 0
+        assert row["ours_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0
+        assert abs(row["ratio"] - row["ours_tokens_per_s"] / row["hf_tokens_per_s"]) < 1e-9
+        assert row["bandwidth_fraction"] is None  # measured on CUDA only
+
+
+def test_hf_generate_counts_tokens_up_to_eos(make_micro_model, tokenizer):
+    model = make_micro_model(seed=1).eval()
+    ids = [tokenizer("1 + 2 =", add_special_tokens=False)["input_ids"], [5, 6]]
+    fixed = hf_generate(model, ids, SamplingParams(n=2, max_new_tokens=5, ignore_eos=True), tokenizer)
+    assert fixed == [5, 5, 5, 5]
+    eos = tokenizer.eos_token_id
+
+    def eos_first(module, inputs, logits):  # EOS the only likely token: every sequence stops after one
+        return logits.index_add(-1, torch.tensor([eos]), torch.full((*logits.shape[:-1], 1), 100.0))
+
+    model.lm_head.register_forward_hook(eos_first)
+    stopped = hf_generate(model, ids, SamplingParams(n=1, max_new_tokens=5, temperature=0.5), tokenizer)
+    assert stopped == [1, 1]
