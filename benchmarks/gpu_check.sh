@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared run for a lent GPU machine (no internet, no venv: torch with CUDA, triton,
 # transformers, safetensors, tokenizers and pytest are expected to be installed):
-#   1. the GPU tests (CUDA graphs, the paged Triton kernel compiled, bf16, sleep/wake with weight offload)
+#   1. the GPU tests (CUDA graphs, the Triton kernels compiled, bf16, sleep/wake with weight offload)
 #      and every rollout test, on the GPU machine;
 #   2. `m2flow bench rollout` on Qwen2.5-1.5B's architecture with random weights, bf16, batch 1 / 64 / 256,
 #      1024 prompt + 1024 generated tokens: tokens/s against HF generate and the decode step against the

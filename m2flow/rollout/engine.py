@@ -26,7 +26,7 @@ from m2flow.rollout.sequence import SeqParams, Sequence, Status
 from m2flow.rollout.types import Sample, SamplingParams
 
 GiB = 1 << 30
-ATTENTION_KERNELS = ("auto", "triton", "torch")
+KERNELS = ("auto", "triton", "torch")
 
 
 @dataclass
@@ -39,14 +39,14 @@ class EngineConfig:
     kv_cache_fraction: float = 0.3  # share of free GPU memory for the KV cache when kv_cache_gb is 0
     prefix_caching: bool = True  # share KV blocks between sequences with the same prefix
     cuda_graphs: bool = True  # on a GPU, decode steps replay CUDA graphs captured per batch-size bucket
-    # decode attention: "triton" (paged kernel, blocks read in place), "torch" (blocks gathered, then
-    # matmuls), "auto" (triton on a GPU, torch on CPU, where triton only runs in its slow interpreter)
-    attention_kernel: str = "auto"
+    # "triton": decode attention by the paged kernel (blocks read in place) and fused sampling; "torch":
+    # blocks gathered, then matmuls, and sampler.sample; "auto": triton on a GPU, torch on CPU (where
+    # Triton only runs in its slow interpreter)
+    kernels: str = "auto"
 
     def __post_init__(self):
-        if self.attention_kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}, "
-                             f"got {self.attention_kernel!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CausalLM:
@@ -149,11 +149,11 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens)
         cuda = next(model.parameters()).device.type == "cuda"
         graphs = cuda and c.cuda_graphs
-        if c.attention_kernel == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("attention_kernel='triton' needs a GPU (on CPU only Triton's interpreter runs it: "
+        if c.kernels == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("kernels='triton' needs a GPU (on CPU only Triton's interpreter runs it: "
                              "TRITON_INTERPRET=1, for tests); use 'auto' or 'torch'")
         self.runner = ModelRunner(model, c.block_size, self.num_blocks, c.max_num_seqs, self.max_model_len,
-                                  paged_kernel=c.attention_kernel == "triton" or (c.attention_kernel == "auto" and cuda),
+                                  triton_kernels=c.kernels == "triton" or (c.kernels == "auto" and cuda),
                                   static_decode=graphs, cuda_graphs=graphs)
         self.policy_version = 0
         self.sleeping = False

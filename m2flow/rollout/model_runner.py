@@ -79,10 +79,11 @@ class DecodeGraphs:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, block_size: int, num_blocks: int, max_num_seqs: int = 0,
-                 max_model_len: int = 0, paged_kernel: bool = False, static_decode: bool = False,
+                 max_model_len: int = 0, triton_kernels: bool = False, static_decode: bool = False,
                  cuda_graphs: bool = False):
         """`num_blocks` usable KV blocks (one more, the scratch block, is allocated for padded rows).
-        `paged_kernel`: decode attention by the Triton kernel instead of gathering blocks. `static_decode`:
+        `triton_kernels`: decode attention by the paged Triton kernel instead of gathering blocks, and
+        sampling by the fused kernel where no row truncates (top-k / top-p). `static_decode`:
         decode through `DecodeGraphs` (for up to `max_num_seqs` sequences of up to `max_model_len` tokens),
         captured as CUDA graphs with `cuda_graphs`."""
         self.model = model
@@ -92,8 +93,9 @@ class ModelRunner:
         self.static_decode, self.cuda_graphs = static_decode, cuda_graphs
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.triton_kernels = triton_kernels
         kernel = None
-        if paged_kernel:
+        if triton_kernels:
             from m2flow.rollout.paged_attention import paged_decode_attention as kernel
         for layer in model.model.layers:
             layer.self_attn.decode_kernel = kernel
@@ -164,16 +166,20 @@ class ModelRunner:
                 attn = AttentionInputs(slot_blocks, slot_offsets, tables, context_lens=lengths,
                                        max_context=max(len(s) for s in seqs))
                 hidden = self.model(input_ids, positions, attn)
-        logits = self.model.logits(hidden)
-        params = [s.params for s in seqs]
-        tokens, logprobs = sample(
-            logits,
-            temperature=self._tensor([p.temperature for p in params], torch.float32),
-            top_k=self._tensor([p.top_k for p in params]),
-            top_p=self._tensor([p.top_p for p in params], torch.float32),
-            seeds=self._tensor([p.seed for p in params]),
-            positions=self._tensor([s.num_completion_tokens for s in seqs]),
-        )
+        tokens, logprobs = self._sample(self.model.logits(hidden), seqs)
         for s in seqs:
             s.num_computed_tokens = len(s)
         return tokens.tolist(), logprobs.tolist()
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        params = [s.params for s in seqs]
+        temperature = self._tensor([p.temperature for p in params], torch.float32)
+        seeds = self._tensor([p.seed for p in params])
+        positions = self._tensor([s.num_completion_tokens for s in seqs])
+        if self.triton_kernels and not any(p.top_k > 0 or p.top_p < 1 for p in params):
+            from m2flow.rollout.sampling_kernel import fused_sample
+
+            return fused_sample(logits, temperature, seeds, positions)
+        top_k = self._tensor([p.top_k for p in params])
+        top_p = self._tensor([p.top_p for p in params], torch.float32)
+        return sample(logits, temperature, top_k, top_p, seeds, positions)

@@ -57,7 +57,7 @@ def make_engine(model_dir, dtype="float32", **config) -> Engine:
     if not CUDA and config.get("cuda_graphs", True):  # on CPU: what a GPU engine builds, without capture
         c = engine.config
         engine.runner = ModelRunner(engine.model, c.block_size, engine.num_blocks, c.max_num_seqs,
-                                    engine.max_model_len, paged_kernel=True, static_decode=True, cuda_graphs=False)
+                                    engine.max_model_len, triton_kernels=True, static_decode=True, cuda_graphs=False)
     return engine
 
 
@@ -65,7 +65,7 @@ def _tokens(samples):
     return [s.token_ids for s in samples]
 
 
-def test_engine_uses_graphs_and_the_paged_kernel(model_dir):
+def test_engine_uses_graphs_and_the_triton_kernels(model_dir):
     engine = make_engine(model_dir, max_num_seqs=40)
     assert engine.model.model.layers[0].self_attn.decode_kernel is not None
     graphs = engine.runner.graphs
@@ -86,7 +86,7 @@ def test_greedy_matches_hf_generate(model_dir, hf_model, tokenizer, prompts):
 
 def test_graphs_match_eager_with_preemption(model_dir, prompts):
     params = SamplingParams(n=4, temperature=1.0, max_new_tokens=20, seed=9, stop_token_ids=STOP)
-    eager = make_engine(model_dir, cuda_graphs=False, attention_kernel="torch").generate(prompts[:10], params)
+    eager = make_engine(model_dir, cuda_graphs=False, kernels="torch").generate(prompts[:10], params)
     graphs = make_engine(model_dir).generate(prompts[:10], params)
     tiny = make_engine(model_dir, block_size=4, kv_cache_gb=40 * 4 * 256 / 2**30)  # 40 blocks: preemption
     squeezed = tiny.generate(prompts[:10], params)

@@ -26,12 +26,12 @@ def model_dir(make_micro_model, tokenizer, tmp_path_factory):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel runs natively on a GPU machine
 
 
-def make_engine(model_dir, paged_kernel=False, static_decode=False) -> Engine:
-    config = EngineConfig(max_num_seqs=24, max_model_len=160, cuda_graphs=False, attention_kernel="torch")
+def make_engine(model_dir, triton_kernels=False, static_decode=False) -> Engine:
+    config = EngineConfig(max_num_seqs=24, max_model_len=160, cuda_graphs=False, kernels="torch")
     engine = Engine.from_pretrained(model_dir, config, device=DEVICE)
-    if paged_kernel or static_decode:  # what a GPU engine builds (without capturing graphs on a CPU)
+    if triton_kernels or static_decode:  # what a GPU engine builds (without capturing graphs on a CPU)
         engine.runner = ModelRunner(engine.model, engine.config.block_size, engine.num_blocks, 24, 160,
-                                    paged_kernel=paged_kernel, static_decode=static_decode, cuda_graphs=False)
+                                    triton_kernels=triton_kernels, static_decode=static_decode, cuda_graphs=False)
     return engine
 
 
@@ -57,9 +57,9 @@ def _same(ours, ref, atol):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("paged_kernel, static_decode", [(True, False), (False, True), (True, True)])
-def test_decode_paths_match_the_gather_path(model_dir, prompts, reference, paged_kernel, static_decode):
-    engine = make_engine(model_dir, paged_kernel, static_decode)
+@pytest.mark.parametrize("triton_kernels, static_decode", [(True, False), (False, True), (True, True)])
+def test_decode_paths_match_the_gather_path(model_dir, prompts, reference, triton_kernels, static_decode):
+    engine = make_engine(model_dir, triton_kernels, static_decode)
     greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=20))
     sampled = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=20, seed=3, stop_token_ids=STOP))
     _same(greedy, reference[0], atol=1e-4)
@@ -89,9 +89,9 @@ def test_sleep_and_wake_rebuild_the_static_buffers(model_dir, prompts, reference
     _same(engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=20)), reference[0], atol=1e-4)
 
 
-def test_attention_kernel_choices(model_dir):
-    with pytest.raises(ValueError, match="attention_kernel must be one of auto, triton, torch"):
-        EngineConfig(attention_kernel="flash")
+def test_kernel_choices(model_dir):
+    with pytest.raises(ValueError, match="kernels must be one of auto, triton, torch"):
+        EngineConfig(kernels="flash")
     engine = Engine.from_pretrained(model_dir, EngineConfig(max_num_seqs=4, max_model_len=64))
     assert engine.model.model.layers[0].self_attn.decode_kernel is None  # auto on CPU: the gather path
     assert engine.runner.graphs is None  # no CUDA graphs on CPU
@@ -100,4 +100,4 @@ def test_attention_kernel_choices(model_dir):
 def test_triton_on_cpu_needs_the_interpreter(model_dir, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs a GPU"):
-        Engine.from_pretrained(model_dir, EngineConfig(max_num_seqs=4, max_model_len=64, attention_kernel="triton"))
+        Engine.from_pretrained(model_dir, EngineConfig(max_num_seqs=4, max_model_len=64, kernels="triton"))
