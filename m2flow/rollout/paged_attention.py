@@ -3,9 +3,10 @@
 One program per (sequence, KV head, context split). A program loads the G query heads that share its KV
 head, walks its share of the sequence's context a tile of tokens at a time (each token's block looked up in
 the block table, so keys and values are never gathered into a copy), and keeps an online softmax in float32.
-Splitting the context lets a few long sequences (batch 1) still fill the GPU; the splits are merged with
-their log-sum-exp. It runs on GPUs; on CPU only in Triton's interpreter (``TRITON_INTERPRET=1``), which the
-tests use to check it against ``model.decode_attention``.
+Splitting the context lets a few long sequences (batch 1) still fill the GPU: each sequence's actual
+context is divided among the splits in the kernel, and the splits are merged with their log-sum-exp. It
+runs on GPUs; on CPU only in Triton's interpreter (``TRITON_INTERPRET=1``), where the tests check it
+against attention over each sequence's gathered context.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ TILE = 64  # context tokens per loop iteration
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale, split_len,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale,
                    stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_tb, stride_ob, stride_oh,
                    stride_os, stride_lb, stride_lh,
                    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P: tl.constexpr,
@@ -36,7 +37,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, 
     m = tl.full([GROUP_P], float("-inf"), tl.float32)  # running max of the scores
     l = tl.zeros([GROUP_P], tl.float32)  # running sum of exp(score - m)
     acc = tl.zeros([GROUP_P, DIM_P], tl.float32)  # running sum of exp(score - m) * value
-    start = split * split_len  # a runtime value: no recompilation when the context grows
+    # this sequence's context in equal parts (whole tiles), one per split: balanced whatever its length
+    split_len = tl.cdiv(tl.cdiv(length, tl.num_programs(2)), TILE) * TILE
+    start = split * split_len
     end = tl.minimum(start + split_len, length)
     for t0 in range(start, end, TILE):
         t = t0 + tl.arange(0, TILE)
@@ -85,19 +88,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """q [B, H, D] (one query per sequence); k_cache, v_cache [num_blocks, H_kv, block_size, D];
     block_tables [B, M] (each sequence's blocks in position order); context_lens [B] (1 <= len <=
     `max_context` <= M * block_size) -> [B, H, D] in q's dtype: softmax(q k^T / sqrt(D)) v over each
-    sequence's first context_lens tokens. `max_context` (a Python int) sizes the splits, so the launch has
-    the same shape for every step up to it (what a CUDA graph needs)."""
+    sequence's first context_lens tokens. The number of splits depends only on B and `max_context` (a
+    Python int), so the launch has the same shape for every step (what a CUDA graph needs); each sequence's
+    own length is divided among them in the kernel."""
     b, h, d = q.shape
     _, h_kv, block_size, _ = k_cache.shape
     group = h // h_kv
     splits = splits or num_splits(b, h_kv, max_context, q.device)
-    split_len = -(-(-(-max_context // splits)) // TILE) * TILE  # ceil(max_context / splits), rounded up to a tile
     out = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and q.stride(-1) == 1
     assert block_tables.stride(-1) == 1
     _decode_kernel[(b, h_kv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, lse, d**-0.5, split_len,
+        q, k_cache, v_cache, block_tables, context_lens, out, lse, d**-0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, DIM_P=max(16, triton.next_power_of_2(d)),
