@@ -5,10 +5,12 @@
 #      and every rollout test, on the GPU machine;
 #   2. `m2flow bench rollout` on Qwen2.5-1.5B's architecture with random weights, bf16, batch 1 / 64 / 256,
 #      1024 prompt + 1024 generated tokens: tokens/s against HF generate and the decode step against the
-#      memory-bandwidth bound.
+#      memory-bandwidth bound; then short runs (batch 1 / 64, 256 new tokens) without CUDA graphs, with
+#      the torch kernels, and with both on, to see what each gains.
 # Results (logs, the benchmark JSON) go to $OUT (default /tmp/m2flow-gpu-check).
 #   bash benchmarks/gpu_check.sh            # everything (about 6-8 minutes on an H100)
-#   PRESET=tiny SIZES=1,4 NEW=16 PROMPT=16 DEVICE=cpu DTYPE=float32 bash benchmarks/gpu_check.sh bench   # dry run
+#   PRESET=tiny SIZES=1,4 NEW=16 SHORT_SIZES=1,2 SHORT_NEW=8 PROMPT=16 DEVICE=cpu DTYPE=float32 \
+#     bash benchmarks/gpu_check.sh bench   # a dry run of the benchmark part on CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
@@ -23,9 +25,16 @@ if [ "$what" != bench ]; then
   status=${PIPESTATUS[0]}
 fi
 if [ "$what" != tests ]; then
-  python -m m2flow.cli bench rollout --preset "${PRESET:-qwen2.5-1.5b}" --device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" \
-    --batch-sizes "${SIZES:-1,64,256}" --prompt-tokens "${PROMPT:-1024}" --new-tokens "${NEW:-1024}" --repeats "${REPEATS:-1}" \
-    --out-dir "$OUT" 2>&1 | tee "$OUT/bench.log"
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  dtype=${DTYPE:-bfloat16}
+  model=$(python -c "from m2flow.bench.rollout import build_model_dir; print(build_model_dir('${PRESET:-qwen2.5-1.5b}', '$dtype')[0])" | tail -1)
+  bench() { python -m m2flow.cli bench rollout --model "$model" --device "${DEVICE:-cuda}" --dtype "$dtype" \
+              --prompt-tokens "${PROMPT:-1024}" --repeats "${REPEATS:-1}" --out-dir "$OUT" "$@" 2>&1 | tee -a "$OUT/bench.log"
+            [ "${PIPESTATUS[0]}" = 0 ] || status=1; }
+  # the issue's benchmark: against HF generate, decode step against the memory-bandwidth bound
+  bench --batch-sizes "${SIZES:-1,64,256}" --new-tokens "${NEW:-1024}"
+  # what the CUDA graphs and the Triton kernels each gain (shorter runs, no HF baseline)
+  bench --batch-sizes "${SHORT_SIZES:-1,64}" --new-tokens "${SHORT_NEW:-256}" --no-hf --no-cuda-graphs --tag short
+  bench --batch-sizes "${SHORT_SIZES:-1,64}" --new-tokens "${SHORT_NEW:-256}" --no-hf --kernels torch --tag short
+  bench --batch-sizes "${SHORT_SIZES:-1,64}" --new-tokens "${SHORT_NEW:-256}" --no-hf --tag short
 fi
 exit "$status"

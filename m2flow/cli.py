@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     b.add_argument("--hf-max-batch", type=int, default=1 << 30, help="run the HF baseline only up to this batch")
     b.add_argument("--out-dir", default="benchmarks/results", help="where the JSON result goes")
+    b.add_argument("--no-cuda-graphs", action="store_true", help="GPU: decode eagerly (measures what the graphs gain)")
+    b.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                   help="decode attention and sampling: auto (Triton on GPU), triton or torch (default: auto)")
+    b.add_argument("--tag", default="", help="appended to the result file's name (keeps runs apart)")
     args = parser.parse_args(argv)
     for key, value in {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
                        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "disabled"}.items():
@@ -94,7 +98,8 @@ def _bench(args) -> int:
           f"{'up to' if args.stop_at_eos else 'exactly'} {args.new_tokens} new tokens per sequence")
     result = run_benchmark(args.preset, sizes, args.new_tokens, args.prompt_tokens, dtype, device,
                            compare_hf=not args.no_hf, hf_max_batch=args.hf_max_batch, out_dir=args.out_dir,
-                           model_path=args.model, n=args.n, stop_at_eos=args.stop_at_eos, repeats=args.repeats)
+                           model_path=args.model, n=args.n, stop_at_eos=args.stop_at_eos, repeats=args.repeats,
+                           cuda_graphs=not args.no_cuda_graphs, kernels=args.kernels, tag=args.tag)
     print(f"wrote {result['path']}")
     return 0
 

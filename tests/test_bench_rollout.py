@@ -16,6 +16,7 @@ def test_bench_rollout_writes_rows_for_each_batch_size(tmp_path):
     result = run_benchmark("tiny", batch_sizes=(1, 4), new_tokens=6, repeats=1, out_dir=str(tmp_path), log=lambda s: None)
     saved = json.loads(open(result["path"]).read())
     assert result["path"].endswith("-tiny.json") and saved["preset"] == "tiny" and saved["dtype"] == "float32"
+    assert saved["cuda_graphs"] is False and saved["triton_kernels"] is False  # CPU: plain PyTorch paths
     assert [r["batch_size"] for r in saved["rows"]] == [1, 4]
     for row in saved["rows"]:
         assert row["new_tokens"] == 6 and row["prompt_tokens"] > 0

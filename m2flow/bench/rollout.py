@@ -135,7 +135,8 @@ def _time(fn, device: str, repeats: int = 1) -> float:
 def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens: int = 128,
                   prompt_tokens: int = 0, dtype: str = "float32", device: str = "cpu", compare_hf: bool = True,
                   hf_max_batch: int = 1 << 30, out_dir: str = "benchmarks/results", model_path: str = "",
-                  n: int = 1, stop_at_eos: bool = False, repeats: int = 3, log=print) -> dict:
+                  n: int = 1, stop_at_eos: bool = False, repeats: int = 3, cuda_graphs: bool = True,
+                  kernels: str = "auto", tag: str = "", log=print) -> dict:
     """`batch_sizes` count sequences: batch // n prompts, n samples each. With `stop_at_eos` sequences end
     at EOS (the RL setting: ragged lengths); the default generates exactly `new_tokens` per sequence."""
     if model_path:
@@ -147,8 +148,8 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
         path, tokenizer = build_model_dir(preset, dtype)
     max_batch = max(batch_sizes)
     longest = (prompt_tokens or 64) + new_tokens
-    engine = Engine.from_pretrained(path, EngineConfig(max_num_seqs=max_batch, max_model_len=longest + 16),
-                                    dtype=dtype, device=device)
+    config = EngineConfig(max_num_seqs=max_batch, max_model_len=longest + 16, cuda_graphs=cuda_graphs, kernels=kernels)
+    engine = Engine.from_pretrained(path, config, dtype=dtype, device=device)
     hf = None
     if compare_hf:
         from transformers import AutoModelForCausalLM
@@ -191,11 +192,15 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
     result = {
         "device": device_name(device), "preset": preset, "dtype": dtype, "threads": torch.get_num_threads(),
         "samples_per_prompt": n, "stop_at_eos": stop_at_eos, "repeats": repeats,
+        "cuda_graphs": engine.runner.graphs is not None and engine.runner.cuda_graphs,
+        "triton_kernels": engine.runner.triton_kernels,
         "parameters": sum(p.numel() for p in engine.model.parameters()), "weight_bytes": weight_bytes,
         "bandwidth_bytes_per_s": bandwidth, "rows": [asdict(r) for r in rows],
     }
     os.makedirs(out_dir, exist_ok=True)
     scenario = f"-n{n}-eos" if stop_at_eos else (f"-n{n}" if n > 1 else "")
+    scenario += ("" if cuda_graphs else "-eager") + ("" if kernels == "auto" else f"-{kernels}-kernels")
+    scenario += f"-{tag}" if tag else ""
     out = os.path.join(out_dir, f"rollout-{result['device']}-{preset}{scenario}.json")
     with open(out + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
