@@ -137,8 +137,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernel = None  # fused_ops.rms_norm on GPUs (see CausalLM.use_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps)
         # normalised in float32, rounded to the input dtype, then scaled: the order transformers uses
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
@@ -157,15 +160,15 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
-        # [num_blocks, H_kv, block_size, D] views of this layer's cache, and the paged decode kernel
-        # (paged_attention.paged_decode_attention) or None for the gather path: set by the model runner
+        # [num_blocks, H_kv, block_size, D] views of this layer's cache, set by the model runner
         self.k_cache = self.v_cache = torch.empty(0)
-        self.decode_kernel = None
+        self.decode_kernel = self.rope_kernel = None  # Triton kernels on GPUs (see CausalLM.use_kernels)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         n, h_kv, group, d = x.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, d), cos, sin)  # one rotation for both
+        rope = self.rope_kernel or apply_rope
+        qk = rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, d), cos, sin)  # one rotation for both
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(n, h_kv, d)
         self.k_cache[attn.slot_blocks, :, attn.slot_offsets] = k.to(self.k_cache.dtype)
@@ -213,9 +216,13 @@ class MLP(nn.Module):
         bias = args.mlp_bias
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=bias)
+        self.kernel = None  # fused_ops.silu_mul on GPUs (see CausalLM.use_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.kernel is not None:
+            return self.down_proj(self.kernel(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -264,6 +271,17 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn)
         return self.model.norm(x)
+
+    def use_kernels(self, decode_attention=None, rms_norm=None, silu_mul=None, rope=None) -> None:
+        """Routes decode attention and the elementwise steps through these kernels (paged_attention,
+        fused_ops); None keeps the PyTorch code."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.decode_kernel, module.rope_kernel = decode_attention, rope
+            elif isinstance(module, RMSNorm):
+                module.kernel = rms_norm
+            elif isinstance(module, MLP):
+                module.kernel = silu_mul
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -82,8 +82,9 @@ class ModelRunner:
                  max_model_len: int = 0, triton_kernels: bool = False, static_decode: bool = False,
                  cuda_graphs: bool = False):
         """`num_blocks` usable KV blocks (one more, the scratch block, is allocated for padded rows).
-        `triton_kernels`: decode attention by the paged Triton kernel instead of gathering blocks, and
-        sampling by the fused kernel where no row truncates (top-k / top-p). `static_decode`:
+        `triton_kernels`: decode attention by the paged Triton kernel instead of gathering blocks, RMSNorm /
+        RoPE / SwiGLU by fused kernels, and sampling by the fused kernel where no row truncates (top-k /
+        top-p). `static_decode`:
         decode through `DecodeGraphs` (for up to `max_num_seqs` sequences of up to `max_model_len` tokens),
         captured as CUDA graphs with `cuda_graphs`."""
         self.model = model
@@ -94,11 +95,13 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.triton_kernels = triton_kernels
-        kernel = None
         if triton_kernels:
-            from m2flow.rollout.paged_attention import paged_decode_attention as kernel
-        for layer in model.model.layers:
-            layer.self_attn.decode_kernel = kernel
+            from m2flow.rollout import fused_ops
+            from m2flow.rollout.paged_attention import paged_decode_attention
+
+            model.use_kernels(paged_decode_attention, fused_ops.rms_norm, fused_ops.silu_mul, fused_ops.rope)
+        else:
+            model.use_kernels()
         self.kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
         self.allocate_kv()

@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from m2flow.rollout.paged_attention import TILE, _decode_kernel
+from m2flow.rollout.fused_ops import _rms_norm_kernel, _rope_kernel, _silu_mul_kernel
 from m2flow.rollout.sampling_kernel import _sample_kernel
 
 def source(fn, signature, constexprs):  # constants keyed by argument position, as every Triton 3.x accepts
@@ -40,6 +41,19 @@ for arch in (80, 90):
     compiled = triton.compile(source(_sample_kernel, sig, {"BLOCK_V": 1024}), target=target)
     assert compiled.asm["cubin"], "no cubin"
     print(f"sample sm_{arch} ok")
+    for dtype in ("bf16", "fp32"):  # Qwen2.5-1.5B sizes: hidden 1536, intermediate 8960, head_dim 128
+        kernels = [
+            (_rms_norm_kernel, {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "stride_x": "i32",
+                                "stride_out": "i32", "dim": "i32", "eps": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 2048}),
+            (_silu_mul_kernel, {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "stride_x": "i32", "stride_out": "i32",
+                                "width": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}),
+            (_rope_kernel, {"x_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+                            "stride_xn": "i32", "stride_xh": "i32", "stride_cn": "i32", "stride_on": "i32",
+                            "stride_oh": "i32", "HALF": "constexpr", "BLOCK": "constexpr"}, {"HALF": 64, "BLOCK": 128}),
+        ]
+        for fn, sig, consts in kernels:
+            assert triton.compile(source(fn, sig, consts), target=target).asm["cubin"], "no cubin"
+    print(f"fused sm_{arch} ok")
 """
 
 
@@ -48,5 +62,5 @@ def test_triton_kernels_compile_for_nvidia_gpus(tmp_path):
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     result = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == "decode sm_80 bf16 ok decode sm_80 fp32 ok sample sm_80 ok "\
-        "decode sm_90 bf16 ok decode sm_90 fp32 ok sample sm_90 ok".split()
+    assert result.stdout.split() == "decode sm_80 bf16 ok decode sm_80 fp32 ok sample sm_80 ok fused sm_80 ok "\
+        "decode sm_90 bf16 ok decode sm_90 fp32 ok sample sm_90 ok fused sm_90 ok".split()

@@ -37,15 +37,15 @@ def make_engine(model_dir, triton_kernels=False, static_decode=False) -> Engine:
 
 @pytest.fixture(scope="module")
 def prompts(chat_prompts):
-    return chat_prompts(7, seed=11)
+    return chat_prompts(5, seed=11)
 
 
 @pytest.fixture(scope="module")
 def reference(model_dir, prompts):
-    """Greedy and sampled outputs of the default (gather) path: 7 prompts x 3 samples = 21 sequences."""
+    """Greedy and sampled outputs of the default (gather) path: 5 prompts x 3 samples = 15 sequences."""
     engine = make_engine(model_dir)
-    greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=20))
-    sampled = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=20, seed=3, stop_token_ids=STOP))
+    greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=14))
+    sampled = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=14, seed=3, stop_token_ids=STOP))
     assert {s.finish_reason for s in sampled} == {"stop", "length"}, "sequences end at different steps"
     return greedy, sampled
 
@@ -60,14 +60,14 @@ def _same(ours, ref, atol):
 @pytest.mark.parametrize("triton_kernels, static_decode", [(True, False), (False, True), (True, True)])
 def test_decode_paths_match_the_gather_path(model_dir, prompts, reference, triton_kernels, static_decode):
     engine = make_engine(model_dir, triton_kernels, static_decode)
-    greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=20))
-    sampled = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=20, seed=3, stop_token_ids=STOP))
+    greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=14))
+    sampled = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=14, seed=3, stop_token_ids=STOP))
     _same(greedy, reference[0], atol=1e-4)
     _same(sampled, reference[1], atol=1e-4)
 
 
 def test_static_buffers_pad_to_bucket_sizes(model_dir, prompts):
-    """21 sequences run in the 24-row bucket, 5 in the 8-row one; padded rows write only the scratch block."""
+    """15 sequences run in the 16-row bucket, 5 in the 8-row one; padded rows write only the scratch block."""
     engine = make_engine(model_dir, static_decode=True)
     graphs = engine.runner.graphs
     assert isinstance(graphs, DecodeGraphs) and graphs.sizes == [1, 2, 4, 8, 16, 24]
@@ -86,7 +86,7 @@ def test_sleep_and_wake_rebuild_the_static_buffers(model_dir, prompts, reference
     assert engine.runner.graphs is None  # graphs hold the freed cache's addresses
     engine.wake()
     assert engine.runner.graphs is not None
-    _same(engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=20)), reference[0], atol=1e-4)
+    _same(engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=14)), reference[0], atol=1e-4)
 
 
 def test_kernel_choices(model_dir):
