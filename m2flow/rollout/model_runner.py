@@ -69,7 +69,8 @@ class DecodeGraphs:
                                     (self.context_lens, context_lens, 1)):
             buffer[:b] = values
             buffer[b:size] = pad
-        self.block_tables[:b, :width] = block_tables  # entries past a sequence's context are never read
+        # stale entries past a sequence's context are not read by the kernel (masked by the gather path)
+        self.block_tables[:b, :width] = block_tables
         self.block_tables[b:size, 0] = self.scratch
         if self.capture:
             self.graphs[size].replay()
