@@ -4,9 +4,10 @@ One program per (sequence, KV head, context split). A program loads the G query 
 head, walks its share of the sequence's context a tile of tokens at a time (each token's block looked up in
 the block table, so keys and values are never gathered into a copy), and keeps an online softmax in float32.
 Splitting the context lets a few long sequences (batch 1) still fill the GPU: each sequence's actual
-context is divided among the splits in the kernel, and the splits are merged with their log-sum-exp. It
-runs on GPUs; on CPU only in Triton's interpreter (``TRITON_INTERPRET=1``), where the tests check it
-against attention over each sequence's gathered context.
+context is divided among the splits in the kernel, and a second kernel merges the splits by their
+log-sum-exp (with one split the first kernel writes the result). It runs on GPUs; on CPU only in Triton's
+interpreter (``TRITON_INTERPRET=1``), where the tests check it against attention over each sequence's
+gathered context.
 """
 
 from __future__ import annotations
@@ -65,6 +66,21 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, 
     tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
 
+@triton.jit
+def _merge_kernel(part_ptr, lse_ptr, out_ptr, splits, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                  stride_ob, stride_oh, HEAD_DIM: tl.constexpr, DIM_P: tl.constexpr, SPLITS_P: tl.constexpr):
+    """Weights each split's output by its share of the softmax mass: exp(lse_s - logsumexp)."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    s, d = tl.arange(0, SPLITS_P), tl.arange(0, DIM_P)
+    s_ok, d_ok = s < splits, d < HEAD_DIM
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + s, mask=s_ok, other=float("-inf"))
+    w = tl.exp(lse - tl.max(lse, axis=0))  # split 0 is never empty, so the max is finite
+    part = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    merged = tl.sum(w[:, None] * part, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, merged, mask=d_ok)
+
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -95,18 +111,21 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _, h_kv, block_size, _ = k_cache.shape
     group = h // h_kv
     splits = splits or num_splits(b, h_kv, max_context, q.device)
-    out = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
+    # one split writes its result directly; several write float32 parts, merged by a second kernel
+    part = out[:, :, None] if splits == 1 else torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and q.stride(-1) == 1
     assert block_tables.stride(-1) == 1
     _decode_kernel[(b, h_kv, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, lse, d**-0.5,
+        q, k_cache, v_cache, block_tables, context_lens, part, lse, d**-0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, DIM_P=max(16, triton.next_power_of_2(d)),
         BLOCK_SIZE=block_size, TILE=TILE, DOT_DTYPE=_dot_dtype(k_cache.dtype),
     )
-    if splits == 1:
-        return out[:, :, 0].to(q.dtype)
-    weights = torch.softmax(lse, dim=-1)  # each split's share of the total exp mass: exp(lse_s - logsumexp)
-    return (weights[..., None] * out).sum(2).to(q.dtype)
+    if splits > 1:
+        _merge_kernel[(b, h)](part, lse, out, splits, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
+                              lse.stride(1), out.stride(0), out.stride(1), HEAD_DIM=d,
+                              DIM_P=triton.next_power_of_2(d), SPLITS_P=max(2, triton.next_power_of_2(splits)))
+    return out

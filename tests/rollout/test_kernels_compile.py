@@ -15,7 +15,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from m2flow.rollout.paged_attention import TILE, _decode_kernel
+from m2flow.rollout.paged_attention import TILE, _decode_kernel, _merge_kernel
 from m2flow.rollout.fused_ops import _rms_norm_kernel, _rope_kernel, _silu_mul_kernel
 from m2flow.rollout.sampling_kernel import _sample_kernel
 
@@ -30,10 +30,18 @@ for arch in (80, 90):
     # Qwen2.5-1.5B in bf16 (6 query heads per KV head, head_dim 128) and the micro test model in fp32
     for dtype, dot, group, dim in (("bf16", tl.bfloat16, 6, 128), ("fp32", tl.float32, 2, 8)):
         consts = dict(GROUP=group, GROUP_P=16, HEAD_DIM=dim, DIM_P=max(16, dim), BLOCK_SIZE=16, TILE=TILE, DOT_DTYPE=dot)
-        sig = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "tables_ptr": "*i64",
-               "lens_ptr": "*i64", "out_ptr": "*fp32", "lse_ptr": "*fp32", "scale": "fp32",
-               **{name: "i32" for name in STRIDES}, **{name: "constexpr" for name in consts}}
-        compiled = triton.compile(source(_decode_kernel, sig, consts), target=target)
+        for out in ("fp32", dtype):  # float32 parts to merge, or (one split) the result itself
+            sig = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "tables_ptr": "*i64",
+                   "lens_ptr": "*i64", "out_ptr": f"*{out}", "lse_ptr": "*fp32", "scale": "fp32",
+                   **{name: "i32" for name in STRIDES}, **{name: "constexpr" for name in consts}}
+            compiled = triton.compile(source(_decode_kernel, sig, consts), target=target)
+            assert compiled.asm["cubin"], "no cubin"
+        merge = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "splits": "i32",
+                 **{name: "i32" for name in ("stride_pb", "stride_ph", "stride_ps", "stride_lb", "stride_lh",
+                                             "stride_ob", "stride_oh")}, "HEAD_DIM": "constexpr", "DIM_P": "constexpr",
+                 "SPLITS_P": "constexpr"}
+        compiled = triton.compile(source(_merge_kernel, merge, dict(HEAD_DIM=dim, DIM_P=max(16, dim), SPLITS_P=64)),
+                                  target=target)
         assert compiled.asm["cubin"], "no cubin"
         print(f"decode sm_{arch} {dtype} ok")
     sig = {"logits_ptr": "*fp32", "stride": "i32", "temperature_ptr": "*fp32", "row_hash_ptr": "*i64",

@@ -63,9 +63,10 @@ def test_splits_beyond_the_context_contribute_nothing():
     torch.testing.assert_close(wide, short, atol=2e-5, rtol=1e-5)
 
 
-def test_bfloat16_cache():
+@pytest.mark.parametrize("splits", [1, 2])  # written directly, or merged by the second kernel
+def test_bfloat16_cache(splits):
     q, k, v, tables, lens = make_case([5, 33, 100], dtype=torch.bfloat16)
-    out = paged_decode_attention(q, k, v, tables, lens, max_context=100, splits=2)
+    out = paged_decode_attention(q, k, v, tables, lens, max_context=100, splits=splits)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference(q, k, v, tables, lens), atol=2e-2, rtol=2e-2)
 
