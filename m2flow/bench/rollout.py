@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from m2flow.rollout import Engine, EngineConfig, SamplingParams
+from m2flow.rollout.hf_engine import left_pad
 from m2flow.rollout.model_runner import kv_bytes_per_token
 
 # Architectures with random weights (no download): the tiny default, and Qwen2.5-1.5B's.
@@ -89,15 +90,11 @@ def hf_generate(model, prompt_ids: list[list[int]], params: SamplingParams, toke
     """transformers `generate` on the same prompts (left-padded, `params.n` samples each, one batch); returns
     the tokens generated per sequence, up to and including EOS. It keeps no logits (m2flow's engine returns
     logprobs on top of its tokens)."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     rows = [ids for ids in prompt_ids for _ in range(params.n)]
-    width, pad, eos = max(map(len, rows)), tokenizer.pad_token_id, tokenizer.eos_token_id
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, ids in enumerate(rows):
-        input_ids[i, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[i, width - len(ids) :] = 1
-    device = next(model.parameters()).device
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
+    input_ids, attention_mask = left_pad(rows, pad, next(model.parameters()).device)
+    width = input_ids.shape[1]
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
                          temperature=params.temperature, top_p=1.0, top_k=0, max_new_tokens=params.max_new_tokens,
                          min_new_tokens=params.max_new_tokens if params.ignore_eos else None, eos_token_id=eos,
                          pad_token_id=pad)

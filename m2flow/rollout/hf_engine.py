@@ -11,6 +11,17 @@ import torch
 from m2flow.rollout.types import Sample, SamplingParams
 
 
+def left_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows as one left-padded batch on `device`: (input_ids [B, W], attention_mask [B, W])."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(rows):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[i, width - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 class HFEngine:
     def __init__(self, model, tokenizer, batch_size: int = 512):
         self.model = model.eval()
@@ -45,15 +56,9 @@ class HFEngine:
 
     def _generate_batch(self, chunk, params: SamplingParams, stops: list[int]) -> list[Sample]:
         pad = self.tokenizer.pad_token_id
-        width = max(len(ids) for _, ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, (_, ids) in enumerate(chunk):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = left_pad([ids for _, ids in chunk], pad, next(self.model.parameters()).device)
+        width = input_ids.shape[1]
         greedy = params.temperature == 0
-        device = next(self.model.parameters()).device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
