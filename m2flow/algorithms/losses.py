@@ -46,6 +46,15 @@ def _tis_weights(
     return weights, metrics
 
 
+def _clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, clip_ratio_low: float,
+                       clip_ratio_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's per-token ``max(-A * r, -A * clip(r, 1 - low, 1 + high))`` [B, T], and where the clipped branch is
+    strictly larger (clipping changed the loss: no gradient there), for ppo_clip and gspo alike."""
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * ratio.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
+    return torch.maximum(loss_unclipped, loss_clipped), loss_clipped > loss_unclipped
+
+
 @POLICY_LOSSES.register("ppo_clip")
 def ppo_clip_loss(
     logprobs: torch.Tensor,
@@ -85,9 +94,7 @@ def ppo_clip_loss(
     log_ratio = (logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     adv = advantages.detach()
-    loss_unclipped = -adv * ratio
-    loss_clipped = -adv * ratio.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
-    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    loss_mat, clipped = _clipped_surrogate(ratio, adv, clip_ratio_low, clip_ratio_high)
     dual_clipped = None
     if clip_ratio_c is not None:
         loss_cap = -adv * clip_ratio_c
@@ -98,7 +105,7 @@ def ppo_clip_loss(
     loss = aggregate_loss(loss_mat, response_mask, loss_agg)
     with torch.no_grad():
         metrics = {
-            "clip_frac": masked_mean((loss_clipped > loss_unclipped).float(), response_mask).item(),
+            "clip_frac": masked_mean(clipped.float(), response_mask).item(),
             "approx_kl": masked_mean(kl_k3(old_logprobs, logprobs), response_mask).item(),
             "ratio_mean": masked_mean(ratio, response_mask).item(),
         }
@@ -145,17 +152,14 @@ def gspo_loss(
     seq_log_ratio = masked_mean(logprobs - old_logprobs.detach(), response_mask, dim=-1)  # [B]
     log_ratio = logprobs - logprobs.detach() + seq_log_ratio.detach().unsqueeze(-1)
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [B, T], s_i in value
-    adv = advantages.detach()
-    loss_unclipped = -adv * ratio
-    loss_clipped = -adv * ratio.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
-    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    loss_mat, clipped = _clipped_surrogate(ratio, advantages.detach(), clip_ratio_low, clip_ratio_high)
     if tis is not None:
         loss_mat = loss_mat * tis
     loss = aggregate_loss(loss_mat, response_mask, loss_agg)
     with torch.no_grad():
         seq_ratio = torch.exp(seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
         metrics = {
-            "clip_frac": masked_mean((loss_clipped > loss_unclipped).float(), response_mask).item(),
+            "clip_frac": masked_mean(clipped.float(), response_mask).item(),
             "approx_kl": masked_mean(kl_k3(old_logprobs, logprobs), response_mask).item(),
             "ratio_mean": masked_mean(seq_ratio, response_mask.bool().any(-1)).item(),
         }
