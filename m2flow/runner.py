@@ -317,11 +317,7 @@ def informative_rows(batch: RolloutBatch) -> torch.Tensor:
 
 def _first_groups(batch: RolloutBatch, k: int) -> RolloutBatch:
     """The rows of the first k groups, in order of first appearance."""
-    seen: list[int] = []
-    for g in batch.group_ids.tolist():
-        if g not in seen:
-            seen.append(g)
-    keep = set(seen[:k])
+    keep = set(list(dict.fromkeys(batch.group_ids.tolist()))[:k])  # dict keys keep first-appearance order
     return batch.select(torch.tensor([i for i, g in enumerate(batch.group_ids.tolist()) if g in keep],
                                      dtype=torch.long))
 

@@ -20,6 +20,7 @@ import torch
 from .registry import ADVANTAGE_ESTIMATORS
 from .utils import (
     float_dtype,
+    group_all_equal,
     group_index,
     group_reduce,
     masked_mean,
@@ -56,7 +57,7 @@ def grpo_advantages(
         std = group_reduce(adv.square(), gid, "mean").sqrt()
         adv = adv / (std + eps)
     # all-equal groups (size 1 included) get exactly 0 rather than rounding noise amplified by 1/eps
-    flat = group_reduce(x, gid, "amax") == group_reduce(x, gid, "amin")
+    flat = group_all_equal(x, gid)
     return torch.where(flat, torch.zeros_like(adv), adv).reshape(scores.shape)
 
 
@@ -91,7 +92,7 @@ def rloo_advantages(
     gid = group_index(group_ids)
     n = torch.bincount(gid).to(x.dtype)[gid]
     adv = (x - group_reduce(x, gid, "mean")) * n / (n - 1).clamp(min=1)
-    flat = group_reduce(x, gid, "amax") == group_reduce(x, gid, "amin")
+    flat = group_all_equal(x, gid)
     return torch.where(flat | (n < 2), torch.zeros_like(adv), adv).reshape(scores.shape)
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .utils import group_index, group_reduce
+from .utils import group_all_equal, group_index
 
 
 def informative_groups(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,7 @@ def informative_groups(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.T
     group_ids: [B], any values and order. Scores are expected finite."""
     gid = group_index(group_ids)
     x = scores.reshape(-1)
-    return (group_reduce(x, gid, "amax") != group_reduce(x, gid, "amin")).reshape(scores.shape)
+    return (~group_all_equal(x, gid)).reshape(scores.shape)
 
 
 def overlong_mask(truncated: torch.Tensor | Sequence[str], response_mask: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,12 @@ def group_reduce(x: torch.Tensor, gid: torch.Tensor, reduce: str) -> torch.Tenso
     return out[gid]
 
 
+def group_all_equal(x: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
+    """Per-sample bool [B]: True where every value of its group is equal (singletons included); x: [B],
+    gid: [B] in 0..G-1. Such groups carry no group-relative signal."""
+    return group_reduce(x, gid, "amax") == group_reduce(x, gid, "amin")
+
+
 def group_index(group_ids: torch.Tensor) -> torch.Tensor:
     """Arbitrary group ids [B] (any values, any order) -> dense ids 0..G-1, [B] long."""
     return torch.unique(group_ids, return_inverse=True)[1].reshape(-1)
