@@ -96,11 +96,14 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.triton_kernels = triton_kernels
+        self.fused_sample = None  # sampling_kernel.fused_sample with triton_kernels
         if triton_kernels:
             from m2flow.rollout import fused_ops
             from m2flow.rollout.paged_attention import paged_decode_attention
+            from m2flow.rollout.sampling_kernel import fused_sample
 
             model.use_kernels(paged_decode_attention, fused_ops.rms_norm, fused_ops.silu_mul, fused_ops.rope)
+            self.fused_sample = fused_sample
         else:
             model.use_kernels()
         self.kv_cache: torch.Tensor | None = None
@@ -180,10 +183,8 @@ class ModelRunner:
         temperature = self._tensor([p.temperature for p in params], torch.float32)
         seeds = self._tensor([p.seed for p in params])
         positions = self._tensor([s.num_completion_tokens for s in seqs])
-        if self.triton_kernels and not any(p.top_k > 0 or p.top_p < 1 for p in params):
-            from m2flow.rollout.sampling_kernel import fused_sample
-
-            return fused_sample(logits, temperature, seeds, positions)
+        if self.fused_sample is not None and not any(p.top_k > 0 or p.top_p < 1 for p in params):
+            return self.fused_sample(logits, temperature, seeds, positions)
         top_k = self._tensor([p.top_k for p in params])
         top_p = self._tensor([p.top_p for p in params], torch.float32)
         return sample(logits, temperature, top_k, top_p, seeds, positions)
