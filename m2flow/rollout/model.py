@@ -139,9 +139,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.kernel = None  # fused_ops.rms_norm on GPUs (see CausalLM.use_kernels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The normalised x; with `residual`, (the normalised x + residual, x + residual)."""
         if self.kernel is not None:
-            return self.kernel(x, self.weight, self.eps)
+            return self.kernel(x, self.weight, self.eps, residual)
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # normalised in float32, rounded to the input dtype, then scaled: the order transformers uses
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
@@ -162,17 +169,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
         # [num_blocks, H_kv, block_size, D] views of this layer's cache, set by the model runner
         self.k_cache = self.v_cache = torch.empty(0)
-        self.decode_kernel = self.rope_kernel = None  # Triton kernels on GPUs (see CausalLM.use_kernels)
+        self.decode_kernel = self.rope_store_kernel = None  # Triton kernels on GPUs (see CausalLM.use_kernels)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         n, h_kv, group, d = x.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
-        rope = self.rope_kernel or apply_rope
-        qk = rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, d), cos, sin)  # one rotation for both
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        v = qkv[:, self.q_size + self.kv_size :].view(n, h_kv, d)
-        self.k_cache[attn.slot_blocks, :, attn.slot_offsets] = k.to(self.k_cache.dtype)
-        self.v_cache[attn.slot_blocks, :, attn.slot_offsets] = v.to(self.v_cache.dtype)
+        if self.rope_store_kernel is not None:  # rotation and cache store in one kernel
+            q = self.rope_store_kernel(qkv.view(n, -1, d), cos, sin, self.num_heads, self.k_cache, self.v_cache,
+                                       attn.slot_blocks, attn.slot_offsets)
+        else:
+            qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(n, -1, d), cos, sin)  # one rotation for both
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            v = qkv[:, self.q_size + self.kv_size :].view(n, h_kv, d)
+            self.k_cache[attn.slot_blocks, :, attn.slot_offsets] = k.to(self.k_cache.dtype)
+            self.v_cache[attn.slot_blocks, :, attn.slot_offsets] = v.to(self.v_cache.dtype)
         if attn.query_index is None and self.decode_kernel is not None:  # decode, blocks read in place
             out = self.decode_kernel(q.reshape(n, -1, d), self.k_cache, self.v_cache, attn.block_tables,
                                      attn.context_lens, attn.max_context)
@@ -234,9 +244,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, attn: AttentionInputs) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, attn: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); the caller adds the two (the next
+        layer's norm does, in one kernel on GPUs). `residual` is None for the first layer."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin, attn), residual)
+        return self.mlp(x), residual
 
 
 class Decoder(nn.Module):
@@ -268,16 +284,17 @@ class CausalLM(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # float32, as the trainer computes it
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn)
+        return self.model.norm(x, residual)[0]
 
-    def use_kernels(self, decode_attention=None, rms_norm=None, silu_mul=None, rope=None) -> None:
+    def use_kernels(self, decode_attention=None, rms_norm=None, silu_mul=None, rope_store=None) -> None:
         """Routes decode attention and the elementwise steps through these kernels (paged_attention,
         fused_ops); None keeps the PyTorch code."""
         for module in self.modules():
             if isinstance(module, Attention):
-                module.decode_kernel, module.rope_kernel = decode_attention, rope
+                module.decode_kernel, module.rope_store_kernel = decode_attention, rope_store
             elif isinstance(module, RMSNorm):
                 module.kernel = rms_norm
             elif isinstance(module, MLP):

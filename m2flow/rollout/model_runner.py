@@ -1,8 +1,10 @@
 """Owns the model and its KV cache; turns a scheduled step into flat model inputs, runs it, samples.
 
 On a GPU, decode steps run the paged Triton kernel (blocks read in place) and replay CUDA graphs: the
-decode forward is captured once per batch-size bucket over static input buffers (`DecodeGraphs`), so a
-step costs one graph launch instead of hundreds of kernel launches. Prefill steps and sampling run eagerly.
+decode forward and the logits are captured once per batch-size bucket over static input buffers
+(`DecodeGraphs`). A decode step is then two host-to-device copies of its inputs (built in Python), one
+graph replay instead of hundreds of kernel launches, one sampling kernel, and the copy of the tokens back.
+Prefill steps run eagerly.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
 
 
 class DecodeGraphs:
-    """The decode forward over static input buffers, padded up to a few batch sizes and replayed as CUDA
-    graphs (one per size, captured largest first in one memory pool). Padded rows write their keys and
-    values to a scratch block and attend to one token of it. With `capture=False` the same padded forward
-    runs eagerly: how the tests check the buffers and the padding on a CPU."""
+    """The decode forward (logits included) over static input buffers, padded up to a few batch sizes and
+    replayed as CUDA graphs (one per size, captured largest first in one memory pool). Padded rows write
+    their keys and values to a scratch block and attend to one token of it. With `capture=False` the same
+    padded forward runs eagerly: how the tests check the buffers and the padding on a CPU."""
 
     def __init__(self, model: CausalLM, max_batch: int, max_blocks: int, block_size: int, scratch_block: int,
                  capture: bool):
@@ -31,21 +33,16 @@ class DecodeGraphs:
         self.max_context = max_blocks * block_size
         self.sizes = sorted({*(s for s in (1, 2, 4, 8) if s < max_batch), *range(16, max_batch, 16), max_batch})
         ints = dict(dtype=torch.int64, device=next(model.parameters()).device)
-        self.input_ids = torch.zeros(max_batch, **ints)
-        self.positions = torch.zeros(max_batch, **ints)
-        self.slot_blocks = torch.full((max_batch,), scratch_block, **ints)
-        self.slot_offsets = torch.zeros(max_batch, **ints)
+        self.inputs = torch.zeros(len(DECODE_ROWS), max_batch, **ints)  # rows: DECODE_ROWS
+        self.pad = torch.tensor([0, 0, scratch_block, 0, 1], **ints)[:, None]  # a padded row's column
         self.block_tables = torch.full((max_batch, max_blocks), scratch_block, **ints)
-        self.context_lens = torch.ones(max_batch, **ints)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         if capture:
             self._capture()
 
     def _forward(self, size: int) -> torch.Tensor:
-        attn = AttentionInputs(self.slot_blocks[:size], self.slot_offsets[:size], self.block_tables[:size],
-                               context_lens=self.context_lens[:size], max_context=self.max_context)
-        return self.model(self.input_ids[:size], self.positions[:size], attn)
+        return decode_logits(self.model, self.inputs[:, :size], self.block_tables[:size], self.max_context)
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -59,23 +56,32 @@ class DecodeGraphs:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_blocks: torch.Tensor,
-            slot_offsets: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, hidden] of one decode step for B <= max_batch sequences."""
+    def run(self, inputs: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] (float32) of one decode step for B <= max_batch sequences (`decode_logits`'s inputs)."""
         b, width = block_tables.shape
         size = next(s for s in self.sizes if s >= b)
-        for buffer, values, pad in ((self.input_ids, input_ids, 0), (self.positions, positions, 0),
-                                    (self.slot_blocks, slot_blocks, self.scratch), (self.slot_offsets, slot_offsets, 0),
-                                    (self.context_lens, context_lens, 1)):
-            buffer[:b] = values
-            buffer[b:size] = pad
+        self.inputs[:, :b] = inputs
         # stale entries past a sequence's context are not read by the kernel (masked by the gather path)
         self.block_tables[:b, :width] = block_tables
-        self.block_tables[b:size, 0] = self.scratch
+        if b < size:
+            self.inputs[:, b:size] = self.pad
+            self.block_tables[b:size, 0] = self.scratch
         if self.capture:
             self.graphs[size].replay()
             return self.outputs[size][:b]
         return self._forward(size)[:b]
+
+
+DECODE_ROWS = ("input_ids", "positions", "slot_blocks", "slot_offsets", "context_lens")
+
+
+def decode_logits(model: CausalLM, inputs: torch.Tensor, block_tables: torch.Tensor, max_context: int) -> torch.Tensor:
+    """Logits [B, V] of one decode step: `inputs` [len(DECODE_ROWS), B] holds each sequence's last token, its
+    position, the cache block and offset its KV goes to, and its context length (that token included);
+    block_tables [B, M]."""
+    input_ids, positions, slot_blocks, slot_offsets, context_lens = inputs
+    attn = AttentionInputs(slot_blocks, slot_offsets, block_tables, context_lens=context_lens, max_context=max_context)
+    return model.logits(model(input_ids, positions, attn))
 
 
 class ModelRunner:
@@ -83,8 +89,8 @@ class ModelRunner:
                  max_model_len: int = 0, triton_kernels: bool = False, static_decode: bool = False,
                  cuda_graphs: bool = False):
         """`num_blocks` usable KV blocks (one more, the scratch block, is allocated for padded rows).
-        `triton_kernels`: decode attention by the paged Triton kernel instead of gathering blocks, RMSNorm /
-        RoPE / SwiGLU by fused kernels, and sampling by the fused kernel where no row truncates (top-k /
+        `triton_kernels`: decode attention by the paged Triton kernel instead of gathering blocks, fused kernels
+        for residual add + RMSNorm, RoPE + KV-cache store and SwiGLU, and sampling by the fused kernel where no row truncates (top-k /
         top-p). `static_decode`:
         decode through `DecodeGraphs` (for up to `max_num_seqs` sequences of up to `max_model_len` tokens),
         captured as CUDA graphs with `cuda_graphs`."""
@@ -102,7 +108,7 @@ class ModelRunner:
             from m2flow.rollout.paged_attention import paged_decode_attention
             from m2flow.rollout.sampling_kernel import fused_sample
 
-            model.use_kernels(paged_decode_attention, fused_ops.rms_norm, fused_ops.silu_mul, fused_ops.rope)
+            model.use_kernels(paged_decode_attention, fused_ops.rms_norm, fused_ops.silu_mul, fused_ops.rope_store)
             self.fused_sample = fused_sample
         else:
             model.use_kernels()
@@ -138,53 +144,55 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
 
-    def _slots(self, tables: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cache block, offset in it) of each (sequence b, position positions[b, i]): [B, Q] -> 2 x [B, Q]."""
-        return tables.gather(1, positions // self.block_size), positions % self.block_size
-
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
         """Computes the KV of each sequence's uncomputed tokens and samples its next token."""
-        lengths = self._tensor([len(s) for s in seqs])
-        tables = self._block_tables(seqs)
-        if is_prefill:
-            context = torch.arange(tables.shape[1] * self.block_size, device=self.device)
-            starts = self._tensor([s.num_computed_tokens for s in seqs])
-            input_ids = self._tensor([t for s in seqs for t in s.token_ids[s.num_computed_tokens :]])
-            new = lengths - starts  # tokens to compute per sequence
-            q_offset = torch.arange(int(new.max()), device=self.device)
-            q_valid = q_offset[None, :] < new[:, None]
-            first = torch.cumsum(new, 0) - new  # flat index of each sequence's first new token
-            query_index = torch.where(q_valid, first[:, None] + q_offset[None, :], -1)
-            q_pos = torch.where(q_valid, starts[:, None] + q_offset[None, :], 0)  # [B, Q]; padding at 0
-            positions = q_pos[q_valid]
-            slot_blocks, slot_offsets = (t[q_valid] for t in self._slots(tables, q_pos))
-            allowed = context[None, None, :] <= q_pos[:, :, None]  # causal
-            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
-            attn = AttentionInputs(slot_blocks, slot_offsets, tables, query_index, mask)
-            hidden = self.model(input_ids, positions, attn)[first + new - 1]  # each sequence's last token
-        else:
-            positions = lengths - 1
-            input_ids = self._tensor([s.token_ids[-1] for s in seqs])
-            slot_blocks, slot_offsets = (t.squeeze(1) for t in self._slots(tables, positions[:, None]))
-            if self.graphs is not None:
-                hidden = self.graphs.run(input_ids, positions, slot_blocks, slot_offsets, tables, lengths)
-            else:
-                attn = AttentionInputs(slot_blocks, slot_offsets, tables, context_lens=lengths,
-                                       max_context=max(len(s) for s in seqs))
-                hidden = self.model(input_ids, positions, attn)
-        tokens, logprobs = self._sample(self.model.logits(hidden), seqs)
+        logits = self._prefill_logits(seqs) if is_prefill else self._decode_logits(seqs)
+        tokens, logprobs = self._sample(logits, seqs)
         for s in seqs:
             s.num_computed_tokens = len(s)
         return tokens.tolist(), logprobs.tolist()
 
+    def _decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        """A step's inputs are built on the host and copied in two transfers (rows, block tables): on a GPU
+        the step is then a few copies and one graph replay."""
+        bs = self.block_size
+        last = [len(s) - 1 for s in seqs]  # the position of each sequence's newest token
+        inputs = self._tensor([[s.token_ids[-1] for s in seqs], last,
+                               [s.block_table[p // bs] for s, p in zip(seqs, last)], [p % bs for p in last],
+                               [p + 1 for p in last]])
+        tables = self._block_tables(seqs)
+        if self.graphs is not None:
+            return self.graphs.run(inputs, tables)
+        return decode_logits(self.model, inputs, tables, max(last) + 1)
+
+    def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits at each sequence's last token, computing the KV of its tokens not yet in the cache."""
+        lengths = self._tensor([len(s) for s in seqs])
+        tables = self._block_tables(seqs)
+        context = torch.arange(tables.shape[1] * self.block_size, device=self.device)
+        starts = self._tensor([s.num_computed_tokens for s in seqs])
+        input_ids = self._tensor([t for s in seqs for t in s.token_ids[s.num_computed_tokens :]])
+        new = lengths - starts  # tokens to compute per sequence
+        q_offset = torch.arange(int(new.max()), device=self.device)
+        q_valid = q_offset[None, :] < new[:, None]
+        first = torch.cumsum(new, 0) - new  # flat index of each sequence's first new token
+        query_index = torch.where(q_valid, first[:, None] + q_offset[None, :], -1)
+        q_pos = torch.where(q_valid, starts[:, None] + q_offset[None, :], 0)  # [B, Q]; padding at 0
+        positions = q_pos[q_valid]
+        slot_blocks = tables.gather(1, q_pos // self.block_size)[q_valid]
+        slot_offsets = (q_pos % self.block_size)[q_valid]
+        allowed = context[None, None, :] <= q_pos[:, :, None]  # causal
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, float("-inf"))
+        attn = AttentionInputs(slot_blocks, slot_offsets, tables, query_index, mask)
+        hidden = self.model(input_ids, positions, attn)[first + new - 1]  # each sequence's last token
+        return self.model.logits(hidden)
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         params = [s.params for s in seqs]
-        temperature = self._tensor([p.temperature for p in params], torch.float32)
-        seeds = self._tensor([p.seed for p in params])
-        positions = self._tensor([s.num_completion_tokens for s in seqs])
+        seeds, positions, top_k = self._tensor([[p.seed for p in params], [s.num_completion_tokens for s in seqs],
+                                                [p.top_k for p in params]])
+        temperature, top_p = self._tensor([[p.temperature for p in params], [p.top_p for p in params]], torch.float32)
         if self.fused_sample is not None and not any(p.top_k > 0 or p.top_p < 1 for p in params):
             return self.fused_sample(logits, temperature, seeds, positions)
-        top_k = self._tensor([p.top_k for p in params])
-        top_p = self._tensor([p.top_p for p in params], torch.float32)
         return sample(logits, temperature, top_k, top_p, seeds, positions)

@@ -6,7 +6,8 @@ memory traffic per decode step on a GPU. This kernel reads each logit once: one 
 vocabulary in tiles, computes the same hashed noise in registers, and keeps a running arg-max of
 ``logits / T + Gumbel`` and a running log-sum-exp of ``logits / T`` for the logprob. Tokens are those of
 `sampler.sample` (same noise, same arg-max rule; the float rounding of the two can differ by an ulp, which
-could only matter for an exact tie), logprobs agree within float32 rounding. GPU only; the tests run it in
+could only matter for an exact tie), logprobs agree within float32 rounding. The hash of each row's seed and position is computed in the
+kernel as well, so a step's sampling is one launch. GPU only; the tests run it in
 Triton's interpreter.
 """
 
@@ -15,8 +16,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from m2flow.rollout.sampler import MASK32, mix32
 
 BLOCK_V = 1024
 
@@ -31,13 +30,16 @@ def _mix32(x):  # sampler.mix32 on uint32 (the multiplications wrap modulo 2**32
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, stride, temperature_ptr, row_hash_ptr, tokens_ptr, logprobs_ptr, vocab,
+def _sample_kernel(logits_ptr, stride, temperature_ptr, seeds_ptr, positions_ptr, tokens_ptr, logprobs_ptr, vocab,
                    BLOCK_V: tl.constexpr):
     b = tl.program_id(0)
     temperature = tl.load(temperature_ptr + b)
     greedy = temperature == 0
     t = tl.where(greedy, 1.0, temperature)
-    row = tl.load(row_hash_ptr + b).to(tl.uint32)
+    # the row part of sampler.uniform_noise's hash (products wrap modulo 2**32 as `& MASK32` does there)
+    seed = tl.load(seeds_ptr + b).to(tl.uint32)
+    position = tl.load(positions_ptr + b).to(tl.uint32)
+    row = _mix32(seed ^ _mix32(position * 0x61C88647 + 0x3C6EF372))
     best = tl.full([], float("-inf"), tl.float32)  # the best score so far and its token
     best_index = tl.full([], 0, tl.int32)
     m = tl.full([], float("-inf"), tl.float32)  # running max and sum of exp of the scaled logits
@@ -62,11 +64,6 @@ def _sample_kernel(logits_ptr, stride, temperature_ptr, row_hash_ptr, tokens_ptr
     tl.store(logprobs_ptr + b, chosen - m - tl.log(s))
 
 
-def row_hashes(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The per-row part of `sampler.uniform_noise`'s hash: [B] int64 in [0, 2**32)."""
-    return mix32(seeds ^ mix32((positions * 0x61C88647 + 0x3C6EF372) & MASK32))
-
-
 def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`sampler.sample` without truncation: (tokens [B] int64, logprobs [B] float32) from logits [B, V]."""
@@ -74,6 +71,6 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.T
     assert logits.stride(-1) == 1
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
-    _sample_kernel[(b,)](logits, logits.stride(0), temperature.float().contiguous(), row_hashes(seeds, positions),
-                         tokens, logprobs, vocab, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)))
+    assert temperature.dtype == torch.float32 and all(t.stride(0) == 1 for t in (temperature, seeds, positions))
+    _sample_kernel[(b,)](logits, logits.stride(0), temperature, seeds, positions, tokens, logprobs, vocab, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)))
     return tokens, logprobs

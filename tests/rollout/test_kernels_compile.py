@@ -16,7 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from m2flow.rollout.paged_attention import TILE, _decode_kernel, _merge_kernel
-from m2flow.rollout.fused_ops import _rms_norm_kernel, _rope_kernel, _silu_mul_kernel
+from m2flow.rollout.fused_ops import _rms_norm_kernel, _rope_store_kernel, _silu_mul_kernel
 from m2flow.rollout.sampling_kernel import _sample_kernel
 
 def source(fn, signature, constexprs):  # constants keyed by argument position, as every Triton 3.x accepts
@@ -44,20 +44,26 @@ for arch in (80, 90):
                                   target=target)
         assert compiled.asm["cubin"], "no cubin"
         print(f"decode sm_{arch} {dtype} ok")
-    sig = {"logits_ptr": "*fp32", "stride": "i32", "temperature_ptr": "*fp32", "row_hash_ptr": "*i64",
+    sig = {"logits_ptr": "*fp32", "stride": "i32", "temperature_ptr": "*fp32", "seeds_ptr": "*i64", "positions_ptr": "*i64",
            "tokens_ptr": "*i64", "logprobs_ptr": "*fp32", "vocab": "i32", "BLOCK_V": "constexpr"}
     compiled = triton.compile(source(_sample_kernel, sig, {"BLOCK_V": 1024}), target=target)
     assert compiled.asm["cubin"], "no cubin"
     print(f"sample sm_{arch} ok")
     for dtype in ("bf16", "fp32"):  # Qwen2.5-1.5B sizes: hidden 1536, intermediate 8960, head_dim 128
+        norm = {"x_ptr": f"*{dtype}", "res_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+                "sum_ptr": f"*{dtype}", **{k: "i32" for k in ("stride_x", "stride_res", "stride_out", "stride_sum",
+                                                              "dim")}, "eps": "fp32", "RESIDUAL": "constexpr",
+                "BLOCK": "constexpr"}
+        rope = {**{k: f"*{dtype}" for k in ("qkv_ptr", "cos_ptr", "sin_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")},
+                "blocks_ptr": "*i64", "offsets_ptr": "*i64",
+                **{k: "i32" for k in ("stride_n", "stride_cn", "stride_qn", "stride_cb", "stride_ch", "stride_ct")},
+                **{k: "constexpr" for k in ("HEADS", "KV_HEADS", "HALF", "BLOCK")}}
         kernels = [
-            (_rms_norm_kernel, {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "stride_x": "i32",
-                                "stride_out": "i32", "dim": "i32", "eps": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 2048}),
+            (_rms_norm_kernel, norm, {"RESIDUAL": False, "BLOCK": 2048}),
+            (_rms_norm_kernel, norm, {"RESIDUAL": True, "BLOCK": 2048}),
             (_silu_mul_kernel, {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "stride_x": "i32", "stride_out": "i32",
                                 "width": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}),
-            (_rope_kernel, {"x_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
-                            "stride_xn": "i32", "stride_xh": "i32", "stride_cn": "i32", "stride_on": "i32",
-                            "stride_oh": "i32", "HALF": "constexpr", "BLOCK": "constexpr"}, {"HALF": 64, "BLOCK": 128}),
+            (_rope_store_kernel, rope, {"HEADS": 12, "KV_HEADS": 2, "HALF": 64, "BLOCK": 128}),
         ]
         for fn, sig, consts in kernels:
             assert triton.compile(source(fn, sig, consts), target=target).asm["cubin"], "no cubin"

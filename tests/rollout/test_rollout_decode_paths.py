@@ -8,7 +8,7 @@ import torch
 
 from m2flow.rollout import SamplingParams
 from m2flow.rollout.engine import Engine, EngineConfig
-from m2flow.rollout.model_runner import DecodeGraphs, ModelRunner
+from m2flow.rollout.model_runner import DECODE_ROWS, DecodeGraphs, ModelRunner
 from m2flow.training.checkpoint import save_hf_checkpoint
 
 STOP = list(range(100, 130))  # frequent enough that some sampled sequences stop early
@@ -77,7 +77,8 @@ def test_static_buffers_pad_to_bucket_sizes(model_dir, prompts):
     graphs._forward = lambda size: sizes.append(size) or forward(size)
     engine.generate(prompts[:5], SamplingParams(temperature=0.0, max_new_tokens=4))
     assert sizes == [8] * 3  # 5 sequences, 3 decode steps after the prefill
-    assert graphs.context_lens[5:8].tolist() == [1, 1, 1] and graphs.slot_blocks[5:8].tolist() == [engine.num_blocks] * 3
+    rows = dict(zip(DECODE_ROWS, graphs.inputs[:, 5:8].tolist()))
+    assert rows["context_lens"] == [1, 1, 1] and rows["slot_blocks"] == [engine.num_blocks] * 3
 
 
 def test_sleep_and_wake_rebuild_the_static_buffers(model_dir, prompts, reference):
