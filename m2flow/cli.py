@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-cuda-graphs", action="store_true", help="GPU: decode eagerly (measures what the graphs gain)")
     b.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="decode attention and sampling: auto (Triton on GPU), triton or torch (default: auto)")
+    b.add_argument("--compile", action="store_true",
+                   help="torch.compile the eager decode step (CPU, or a GPU with --kernels torch --no-cuda-graphs)")
     b.add_argument("--tag", default="", help="appended to the result file's name (keeps runs apart)")
     args = parser.parse_args(argv)
     for key, value in {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
@@ -99,7 +101,8 @@ def _bench(args) -> int:
     result = run_benchmark(args.preset, sizes, args.new_tokens, args.prompt_tokens, dtype, device,
                            compare_hf=not args.no_hf, hf_max_batch=args.hf_max_batch, out_dir=args.out_dir,
                            model_path=args.model, n=args.n, stop_at_eos=args.stop_at_eos, repeats=args.repeats,
-                           cuda_graphs=not args.no_cuda_graphs, kernels=args.kernels, tag=args.tag)
+                           cuda_graphs=not args.no_cuda_graphs, kernels=args.kernels, compile=args.compile,
+                           tag=args.tag)
     print(f"wrote {result['path']}")
     return 0
 

@@ -133,7 +133,7 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
                   prompt_tokens: int = 0, dtype: str = "float32", device: str = "cpu", compare_hf: bool = True,
                   hf_max_batch: int = 1 << 30, out_dir: str = "benchmarks/results", model_path: str = "",
                   n: int = 1, stop_at_eos: bool = False, repeats: int = 3, cuda_graphs: bool = True,
-                  kernels: str = "auto", tag: str = "", log=print) -> dict:
+                  kernels: str = "auto", compile: bool = False, tag: str = "", log=print) -> dict:
     """`batch_sizes` count sequences: batch // n prompts, n samples each. With `stop_at_eos` sequences end
     at EOS (the RL setting: ragged lengths); the default generates exactly `new_tokens` per sequence."""
     if model_path:
@@ -145,7 +145,8 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
         path, tokenizer = build_model_dir(preset, dtype)
     max_batch = max(batch_sizes)
     longest = (prompt_tokens or 64) + new_tokens
-    config = EngineConfig(max_num_seqs=max_batch, max_model_len=longest + 16, cuda_graphs=cuda_graphs, kernels=kernels)
+    config = EngineConfig(max_num_seqs=max_batch, max_model_len=longest + 16, cuda_graphs=cuda_graphs, kernels=kernels,
+                          compile=compile)
     engine = Engine.from_pretrained(path, config, dtype=dtype, device=device)
     hf = None
     if compare_hf:
@@ -159,11 +160,11 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
     rows = []
     for b in batch_sizes:
         ids = prompt_ids(tokenizer, max(b // n, 1), prompt_tokens, args.vocab_size)
-        warm = SamplingParams(max_new_tokens=2, ignore_eos=True)
-        engine.generate_ids(ids[:1], warm)
+        warm = SamplingParams(max_new_tokens=2, ignore_eos=True)  # at this batch size (compiles for it, if asked)
+        engine.generate_ids(ids, warm)
         with_hf = hf is not None and b <= hf_max_batch
         if with_hf:
-            hf_generate(hf, ids[:1], warm, tokenizer)
+            hf_generate(hf, ids, warm, tokenizer)
         out, ref, ours_s, hf_s = [], [], float("inf"), float("inf")
         for _ in range(repeats):  # interleaved, so a disturbance or an order effect hits both engines alike
             ours_s = min(ours_s, _time(lambda: out.append(engine.generate_ids(ids, params)), device))
@@ -190,13 +191,14 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
         "device": device_name(device), "preset": preset, "dtype": dtype, "threads": torch.get_num_threads(),
         "samples_per_prompt": n, "stop_at_eos": stop_at_eos, "repeats": repeats,
         "cuda_graphs": engine.runner.graphs is not None and engine.runner.cuda_graphs,
-        "triton_kernels": engine.runner.triton_kernels,
+        "triton_kernels": engine.runner.triton_kernels, "compiled": compile,
         "parameters": sum(p.numel() for p in engine.model.parameters()), "weight_bytes": weight_bytes,
         "bandwidth_bytes_per_s": bandwidth, "rows": [asdict(r) for r in rows],
     }
     os.makedirs(out_dir, exist_ok=True)
     scenario = f"-n{n}-eos" if stop_at_eos else (f"-n{n}" if n > 1 else "")
     scenario += ("" if cuda_graphs else "-eager") + ("" if kernels == "auto" else f"-{kernels}-kernels")
+    scenario += "-compiled" if compile else ""
     scenario += f"-{tag}" if tag else ""
     out = os.path.join(out_dir, f"rollout-{result['device']}-{preset}{scenario}.json")
     with open(out + ".tmp", "w") as f:

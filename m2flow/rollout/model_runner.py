@@ -87,13 +87,14 @@ def decode_logits(model: CausalLM, inputs: torch.Tensor, block_tables: torch.Ten
 class ModelRunner:
     def __init__(self, model: CausalLM, block_size: int, num_blocks: int, max_num_seqs: int = 0,
                  max_model_len: int = 0, triton_kernels: bool = False, static_decode: bool = False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, compile: bool = False):
         """`num_blocks` usable KV blocks (one more, the scratch block, is allocated for padded rows).
         `triton_kernels`: decode attention by the paged Triton kernel instead of gathering blocks, fused kernels
         for residual add + RMSNorm, RoPE + KV-cache store and SwiGLU, and sampling by the fused kernel where no row truncates (top-k /
         top-p). `static_decode`:
         decode through `DecodeGraphs` (for up to `max_num_seqs` sequences of up to `max_model_len` tokens),
-        captured as CUDA graphs with `cuda_graphs`."""
+        captured as CUDA graphs with `cuda_graphs`. `compile`: the eager decode step (embedding to logits) by
+        torch.compile, one dynamic-shape graph for all batch sizes and context lengths."""
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -112,6 +113,7 @@ class ModelRunner:
             self.fused_sample = fused_sample
         else:
             model.use_kernels()
+        self.decode = torch.compile(decode_logits, dynamic=True) if compile else decode_logits
         self.kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
         self.allocate_kv()
@@ -164,7 +166,7 @@ class ModelRunner:
         tables = self._block_tables(seqs)
         if self.graphs is not None:
             return self.graphs.run(inputs, tables)
-        return decode_logits(self.model, inputs, tables, max(last) + 1)
+        return self.decode(self.model, inputs, tables, max(last) + 1)
 
     def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits at each sequence's last token, computing the KV of its tokens not yet in the cache."""
