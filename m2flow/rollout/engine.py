@@ -44,7 +44,7 @@ class EngineConfig:
     # Triton only runs in its slow interpreter)
     kernels: str = "auto"
     # torch.compile the eager decode step (the kernels='torch' path without CUDA graphs: CPU, or a GPU with
-    # both off): on CPU about 2x faster steps at batch 1 on the tiny model, after ~20 s of compilation in
+    # both off): on CPU about 2x faster steps at batch 1 on the tiny model, after 15-30 s of compilation in
     # each process; pays off only for long generation
     compile: bool = False
 

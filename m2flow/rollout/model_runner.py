@@ -84,6 +84,21 @@ def decode_logits(model: CausalLM, inputs: torch.Tensor, block_tables: torch.Ten
     return model.logits(model(input_ids, positions, attn))
 
 
+def compiled(decode):
+    """`decode` through torch.compile, with only the batch and block-table widths dynamic (marked, so a
+    changed size does not cost a recompile first): one graph for batch 1, one for every other batch size.
+    The KV cache and the weights stay static, which keeps the guards checked at each call few."""
+    compiled_decode = torch.compile(decode)
+
+    def run(model: CausalLM, inputs: torch.Tensor, block_tables: torch.Tensor, max_context: int) -> torch.Tensor:
+        for tensor, dim in ((inputs, 1), (block_tables, 0), (block_tables, 1)):
+            if tensor.shape[dim] > 1:
+                torch._dynamo.mark_dynamic(tensor, dim)
+        return compiled_decode(model, inputs, block_tables, 0)  # (max_context sizes Triton launches only)
+
+    return run
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, block_size: int, num_blocks: int, max_num_seqs: int = 0,
                  max_model_len: int = 0, triton_kernels: bool = False, static_decode: bool = False,
@@ -113,7 +128,7 @@ class ModelRunner:
             self.fused_sample = fused_sample
         else:
             model.use_kernels()
-        self.decode = torch.compile(decode_logits, dynamic=True) if compile else decode_logits
+        self.decode = compiled(decode_logits) if compile else decode_logits
         self.kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
         self.allocate_kv()
