@@ -220,6 +220,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_
     return torch.matmul(probs, v).sum(1)  # [B, M, H_kv, G, D] summed over blocks
 
 
+def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor, max_context: int = 0) -> torch.Tensor:
+    """`decode_attention` written as block lookups and sums instead of a gathered copy and matmuls, for
+    torch.compile: inductor fuses the lookup into the score and weighted-sum loops, so keys and values are
+    read in place (on CPU about 2x faster than the compiled gather + matmul form; slower eagerly). The
+    paged Triton kernel's signature: q [B, H, D], caches [blocks, H_kv, block_size, D], block_tables [B, M]
+    -> [B, H, D]."""
+    b, m = block_tables.shape
+    h_kv, bs, d = k_cache.shape[1:]
+    g = q.shape[1] // h_kv
+    scores = (q.view(b, 1, h_kv, g, 1, d) * k_cache[block_tables][:, :, :, None]).sum(-1)  # [B, M, H_kv, G, bs]
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(b, h_kv, g, m * bs) * d**-0.5
+    beyond = torch.arange(m * bs, device=q.device)[None, :] >= context_lens[:, None]  # [B, K]
+    probs = scores.masked_fill(beyond[:, None, None], float("-inf")).softmax(-1, dtype=torch.float32)
+    probs = probs.to(v_cache.dtype).view(b, h_kv, g, m, bs).permute(0, 3, 1, 2, 4)  # [B, M, H_kv, G, bs]
+    return (probs[..., None] * v_cache[block_tables][:, :, :, None]).sum((1, 4)).view(b, -1, d)
+
+
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()

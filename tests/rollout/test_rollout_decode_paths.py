@@ -112,8 +112,11 @@ def test_compiled_decode_matches_the_gather_path(model_dir, prompts, reference):
     _same(engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=14)), reference[0], atol=1e-4)
     sampled = SamplingParams(n=3, temperature=1.0, max_new_tokens=14, seed=3, stop_token_ids=STOP)
     _same(engine.generate(prompts, sampled), reference[1], atol=1e-4)
-    engine.sleep()  # a new KV cache: the compiled step reads the new one
+    engine.sleep()  # a new KV cache: the compiled step (whose module guards are skipped) uses the new one
     engine.wake()
+    (one,) = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=14))
+    written = (engine.runner.kv_cache[0, 0].abs().sum(-1) > 0).sum().item()  # (slot, KV head) pairs, layer 0
+    assert written == (len(one.prompt_ids) + len(one.token_ids) - 1) * engine.model.args.num_kv_heads
     _same(engine.generate(prompts, sampled), reference[1], atol=1e-4)
 
 
