@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from m2flow.rollout.model import AttentionInputs, CausalLM, paged_decode_attention_torch
-from m2flow.rollout.sampler import sample
+from m2flow.rollout.sampler import sample, sample_untruncated
 from m2flow.rollout.sequence import Sequence
 
 
@@ -121,7 +121,7 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.triton_kernels = triton_kernels
-        self.fused_sample = None  # sampling_kernel.fused_sample with triton_kernels
+        self.fused_sample = None  # rows without top-k / top-p: sampling_kernel.fused_sample, or compiled torch
         if triton_kernels:
             from m2flow.rollout import fused_ops
             from m2flow.rollout.paged_attention import paged_decode_attention
@@ -131,6 +131,8 @@ class ModelRunner:
             self.fused_sample = fused_sample
         else:  # compiled: attention as lookups and sums, which inductor fuses (see the function)
             model.use_kernels(paged_decode_attention_torch if compile else None)
+            if compile:
+                self.fused_sample = torch.compile(sample_untruncated, dynamic=True)
         self.decode = compiled(decode_logits) if compile else decode_logits
         self.kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None

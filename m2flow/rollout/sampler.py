@@ -75,3 +75,15 @@ def sample(
         gumbel = -torch.log(-torch.log(uniform_noise(seeds, positions, logits.shape[-1])))
         tokens = torch.where(greedy, tokens, (candidates + gumbel).argmax(dim=-1))
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def sample_untruncated(
+    logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample` for rows without top-k / top-p, branch-free so that torch.compile makes it a few fused loops
+    (compiled CPU engines; GPUs use sampling_kernel.py): the same tokens and logprobs."""
+    greedy = temperature == 0
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    gumbel = -torch.log(-torch.log(uniform_noise(seeds, positions, logits.shape[-1])))
+    tokens = torch.where(greedy, logits.argmax(dim=-1), (scaled + gumbel).argmax(dim=-1))
+    return tokens, torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)

@@ -1,11 +1,12 @@
-"""The fused Triton sampling kernel against `sampler.sample` (in Triton's interpreter on CPU)."""
+"""The samplers for rows without top-k / top-p against `sampler.sample`: the fused Triton kernel (in
+Triton's interpreter on CPU) and the branch-free PyTorch form that compiled CPU engines use."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from m2flow.rollout.sampler import sample, uniform_noise
+from m2flow.rollout.sampler import sample, sample_untruncated, uniform_noise
 from m2flow.rollout.sampling_kernel import fused_sample
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,13 +22,14 @@ def _inputs(batch, vocab, seed=0):
     return logits, temperature, seeds, positions
 
 
+@pytest.mark.parametrize("untruncated", [fused_sample, sample_untruncated])
 @pytest.mark.parametrize("vocab", [261, 1024, 3000])  # one partial tile, one full tile, several tiles
-def test_fused_sample_matches_the_torch_sampler(vocab):
+def test_untruncated_samplers_match_the_torch_sampler(vocab, untruncated):
     logits, temperature, seeds, positions = _inputs(32, vocab)
     no_k = torch.zeros(32, dtype=torch.int64, device=DEVICE)
     no_p = torch.ones(32, device=DEVICE)
     ref_tokens, ref_logprobs = sample(logits, temperature, no_k, no_p, seeds, positions)
-    tokens, logprobs = fused_sample(logits, temperature, seeds, positions)
+    tokens, logprobs = untruncated(logits, temperature, seeds, positions)
     assert tokens.tolist() == ref_tokens.tolist()
     torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-5, rtol=1e-5)
     assert tokens[0::4].tolist() == logits[0::4].argmax(-1).tolist()  # temperature 0: greedy
