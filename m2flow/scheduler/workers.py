@@ -29,7 +29,7 @@ class RolloutWorker:
             config = EngineConfig(max_num_seqs=r.batch_size, max_num_batched_tokens=r.max_num_batched_tokens,
                                   block_size=r.block_size, kv_cache_gb=r.kv_cache_gb,
                                   kv_cache_fraction=r.kv_cache_fraction, prefix_caching=r.prefix_caching,
-                                  cuda_graphs=r.cuda_graphs)
+                                  cuda_graphs=r.cuda_graphs, compile=r.compile)
             self.engine = Engine.from_pretrained(model_path, config, dtype=cfg.model.dtype)
         self.sleep_between_steps = r.sleep_between_steps
 
