@@ -9,7 +9,7 @@
 #      the torch kernels, and with both on, to see what each gains.
 # Results (logs, the benchmark JSON) go to $OUT (default /tmp/m2flow-gpu-check).
 #   bash benchmarks/gpu_check.sh            # everything (about 6-8 minutes on an H100)
-#   PRESET=tiny SIZES=1,4 NEW=16 SHORT_SIZES=1,2 SHORT_NEW=8 PROMPT=16 DEVICE=cpu DTYPE=float32 \
+#   PATH=$PWD/.venv/bin:$PATH PRESET=tiny SIZES=1,4 NEW=16 SHORT_SIZES=1,2 SHORT_NEW=8 PROMPT=16 DEVICE=cpu DTYPE=float32 \
 #     bash benchmarks/gpu_check.sh bench   # a dry run of the benchmark part on CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
