@@ -9,6 +9,7 @@ Prefill steps run eagerly.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from m2flow.rollout.model import AttentionInputs, CausalLM, paged_decode_attention_torch
@@ -160,7 +161,9 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        # numpy converts (nested) Python lists of numbers about twice as fast as torch.tensor
+        array = np.array(values, dtype=np.int64 if dtype == torch.int64 else np.float32)
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
