@@ -6,7 +6,8 @@
 #   2. `m2flow bench rollout` on Qwen2.5-1.5B's architecture with random weights, bf16, batch 1 / 64 / 256,
 #      1024 prompt + 1024 generated tokens: tokens/s against HF generate and the decode step against the
 #      memory-bandwidth bound; then short runs (batch 1 / 64, 256 new tokens) without CUDA graphs, with
-#      the torch kernels, and with both on, to see what each gains.
+#      the torch kernels, and with both on (profiled: kernels per step, GPU busy vs idle time, top kernels),
+#      to see what each gains and where a step's time goes.
 # Results (logs, the benchmark JSON) go to $OUT (default /tmp/m2flow-gpu-check).
 #   bash benchmarks/gpu_check.sh            # everything (about 6-8 minutes on an H100)
 #   PATH=$PWD/.venv/bin:$PATH PRESET=tiny SIZES=1,4 NEW=16 SHORT_SIZES=1,2 SHORT_NEW=8 PROMPT=16 DEVICE=cpu DTYPE=float32 \
@@ -35,6 +36,7 @@ if [ "$what" != tests ]; then
   # what the CUDA graphs and the Triton kernels each gain (shorter runs, no HF baseline)
   bench --batch-sizes "${SHORT_SIZES:-1,64}" --new-tokens "${SHORT_NEW:-256}" --no-hf --no-cuda-graphs --tag short
   bench --batch-sizes "${SHORT_SIZES:-1,64}" --new-tokens "${SHORT_NEW:-256}" --no-hf --kernels torch --tag short
-  bench --batch-sizes "${SHORT_SIZES:-1,64}" --new-tokens "${SHORT_NEW:-256}" --no-hf --tag short
+  # the default path again, with a per-decode-step profile: kernels per step, GPU busy vs wall time, top kernels
+  bench --batch-sizes "${SHORT_SIZES:-1,64}" --new-tokens "${SHORT_NEW:-256}" --no-hf --tag short --profile
 fi
 exit "$status"

@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode attention and sampling: auto (Triton on GPU), triton or torch (default: auto)")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the eager decode step (CPU, or a GPU with --kernels torch --no-cuda-graphs)")
+    b.add_argument("--profile", action="store_true",
+                   help="also profile one decode step per batch size (kernels or ops per step, device busy time, "
+                        "top ops; written beside the result)")
     b.add_argument("--tag", default="", help="appended to the result file's name (keeps runs apart)")
     args = parser.parse_args(argv)
     for key, value in {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
@@ -102,7 +105,7 @@ def _bench(args) -> int:
                            compare_hf=not args.no_hf, hf_max_batch=args.hf_max_batch, out_dir=args.out_dir,
                            model_path=args.model, n=args.n, stop_at_eos=args.stop_at_eos, repeats=args.repeats,
                            cuda_graphs=not args.no_cuda_graphs, kernels=args.kernels, compile=args.compile,
-                           tag=args.tag)
+                           profile=args.profile, tag=args.tag)
     print(f"wrote {result['path']}")
     return 0
 

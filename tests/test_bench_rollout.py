@@ -38,3 +38,19 @@ def test_hf_generate_counts_tokens_up_to_eos(make_micro_model, tokenizer):
     model.lm_head.register_forward_hook(eos_first)
     stopped = hf_generate(model, ids, SamplingParams(n=1, max_new_tokens=5, temperature=0.5), tokenizer)
     assert stopped == [1, 1]
+
+
+def test_profile_counts_the_same_ops_per_decode_step_at_any_batch_size(tmp_path):
+    """The profile's per-step numbers come from two generations' difference; a batched engine dispatches
+    the same ops per decode step whatever the batch size (no per-sequence loops over tensors)."""
+    torch.set_num_threads(1)
+    result = run_benchmark("tiny", batch_sizes=(2, 8), new_tokens=4, repeats=1, out_dir=str(tmp_path), compare_hf=False,
+                           profile=True, log=lambda s: None)
+    saved = json.loads(open(result["path"]).read())
+    small, large = saved["profile"]
+    assert [small["batch_size"], large["batch_size"]] == [2, 8]
+    assert small["device_busy_ms_per_step"] is None and small["wall_ms_per_step"] > 0  # CPU
+    assert small["aten_ops_per_step"] > 4 * 20  # 4 layers of matmuls, norms, attention...
+    assert abs(large["aten_ops_per_step"] - small["aten_ops_per_step"]) <= 0.02 * small["aten_ops_per_step"]
+    text = open(result["profile_path"]).read()
+    assert text.startswith("batch 2: ") and "batch 8: " in text and "aten::mm" in text

@@ -133,9 +133,12 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
                   prompt_tokens: int = 0, dtype: str = "float32", device: str = "cpu", compare_hf: bool = True,
                   hf_max_batch: int = 1 << 30, out_dir: str = "benchmarks/results", model_path: str = "",
                   n: int = 1, stop_at_eos: bool = False, repeats: int = 3, cuda_graphs: bool = True,
-                  kernels: str = "auto", compile: bool = False, tag: str = "", log=print) -> dict:
+                  kernels: str = "auto", compile: bool = False, profile: bool = False, tag: str = "",
+                  log=print) -> dict:
     """`batch_sizes` count sequences: batch // n prompts, n samples each. With `stop_at_eos` sequences end
-    at EOS (the RL setting: ragged lengths); the default generates exactly `new_tokens` per sequence."""
+    at EOS (the RL setting: ragged lengths); the default generates exactly `new_tokens` per sequence. With
+    `profile`, each batch size also gets a per-decode-step profile (profile_step.py): numbers in the JSON,
+    the ops tables in a `-profile.txt` beside it."""
     if model_path:
         from transformers import AutoTokenizer
 
@@ -157,7 +160,7 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
     args = engine.model.args
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     bandwidth = measure_bandwidth(device) if device.startswith("cuda") else None
-    rows = []
+    rows, profiles, tables = [], [], []
     for b in batch_sizes:
         ids = prompt_ids(tokenizer, max(b // n, 1), prompt_tokens, args.vocab_size)
         warm = SamplingParams(max_new_tokens=2, ignore_eos=True)  # at this batch size (compiles for it, if asked)
@@ -187,6 +190,13 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
             row.bandwidth_fraction = bound_s / step_s
         rows.append(row)
         log(format_row(row))
+        if profile:
+            from m2flow.bench.profile_step import profile_decode
+
+            stats, table = profile_decode(engine, [i for i in ids for _ in range(n)])
+            profiles.append(stats)
+            tables.append(f"batch {b}: {json.dumps(stats)}\n{table}")
+            log(format_profile(stats))
     result = {
         "device": device_name(device), "preset": preset, "dtype": dtype, "threads": torch.get_num_threads(),
         "samples_per_prompt": n, "stop_at_eos": stop_at_eos, "repeats": repeats,
@@ -195,6 +205,8 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
         "parameters": sum(p.numel() for p in engine.model.parameters()), "weight_bytes": weight_bytes,
         "bandwidth_bytes_per_s": bandwidth, "rows": [asdict(r) for r in rows],
     }
+    if profile:
+        result["profile"] = profiles
     os.makedirs(out_dir, exist_ok=True)
     scenario = f"-n{n}-eos" if stop_at_eos else (f"-n{n}" if n > 1 else "")
     scenario += ("" if cuda_graphs else "-eager") + ("" if kernels == "auto" else f"-{kernels}-kernels")
@@ -205,6 +217,10 @@ def run_benchmark(preset: str = "tiny", batch_sizes=(1, 16, 64, 256), new_tokens
         json.dump(result, f, indent=2)
     os.replace(out + ".tmp", out)
     result["path"] = out
+    if profile:
+        result["profile_path"] = out.removesuffix(".json") + "-profile.txt"
+        with open(result["profile_path"], "w") as f:
+            f.write("\n\n".join(tables))
     return result
 
 
@@ -216,3 +232,10 @@ def format_row(r: Row) -> str:
         line += (f"  decode step {r.ours_decode_step_ms:.2f} ms, bandwidth bound {r.bandwidth_bound_step_ms:.2f} ms "
                  f"({100 * r.bandwidth_fraction:.0f}% of the limit)")
     return line
+
+
+def format_profile(p: dict) -> str:
+    if p["device_busy_ms_per_step"] is None:
+        return f"  profile: {p['aten_ops_per_step']:.0f} aten ops dispatched per decode step, {p['wall_ms_per_step']:.2f} ms"
+    return (f"  profile: {p['kernels_per_step']:.0f} kernels per decode step, GPU busy {p['device_busy_ms_per_step']:.2f} ms "
+            f"of {p['wall_ms_per_step']:.2f} ms ({100 * p['device_idle_fraction']:.0f}% idle, waiting for the host)")

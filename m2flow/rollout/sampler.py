@@ -29,15 +29,19 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-@functools.lru_cache(maxsize=8)
-def _vocab_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
+def _hash_vocab(vocab_size: int, device: torch.device) -> torch.Tensor:
     return mix32(torch.arange(vocab_size, device=device, dtype=torch.int64) + 0x1B873593)
+
+
+_vocab_keys = functools.lru_cache(maxsize=8)(_hash_vocab)  # eagerly: computed once per vocabulary
 
 
 def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """u in (0, 1) of shape [B, V] (float32), a deterministic function of (seed, position, vocab index)."""
     row = mix32(seeds ^ mix32((positions * 0x61C88647 + 0x3C6EF372) & MASK32))
-    h = mix32(row[:, None] ^ _vocab_keys(vocab_size, seeds.device)[None, :])
+    # compiled, the keys are recomputed inside the fused loop (free) rather than read from a cache
+    keys = (_hash_vocab if torch.compiler.is_compiling() else _vocab_keys)(vocab_size, seeds.device)
+    h = mix32(row[:, None] ^ keys[None, :])
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
