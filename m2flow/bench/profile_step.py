@@ -4,8 +4,9 @@ ops that take it, from two profiled generations of different lengths. Their diff
 
 On a GPU, `kernels_per_step` counts the kernels that ran (those inside CUDA graphs included) and
 `device_busy_ms_per_step` their summed time; `wall_ms_per_step` (timed without the profiler) minus that is
-the time the GPU waited for the host (Python, scheduling, launches, the copy of the sampled tokens back). On CPU the same run counts
-the top-level aten ops dispatched per step (what `--compile` reduces) and the device numbers are None.
+the time the GPU waited for the host (Python, scheduling, launches, the copy of the sampled tokens back).
+On CPU the same run counts the top-level aten ops dispatched per step (what `--compile` reduces) and the
+device numbers are None.
 """
 
 from __future__ import annotations

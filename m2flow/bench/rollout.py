@@ -235,7 +235,9 @@ def format_row(r: Row) -> str:
 
 
 def format_profile(p: dict) -> str:
+    wall = f"{p['wall_ms_per_step']:.2f} ms"
     if p["device_busy_ms_per_step"] is None:
-        return f"  profile: {p['aten_ops_per_step']:.0f} aten ops dispatched per decode step, {p['wall_ms_per_step']:.2f} ms"
-    return (f"  profile: {p['kernels_per_step']:.0f} kernels per decode step, GPU busy {p['device_busy_ms_per_step']:.2f} ms "
-            f"of {p['wall_ms_per_step']:.2f} ms ({100 * p['device_idle_fraction']:.0f}% idle, waiting for the host)")
+        return f"  profile: {p['aten_ops_per_step']:.0f} aten ops dispatched per decode step, {wall}"
+    return (f"  profile: {p['kernels_per_step']:.0f} kernels per decode step, GPU busy "
+            f"{p['device_busy_ms_per_step']:.2f} ms of {wall} ({100 * p['device_idle_fraction']:.0f}% idle, "
+            "waiting for the host)")

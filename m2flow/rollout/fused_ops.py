@@ -115,5 +115,6 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
     q = torch.empty(n, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     _rope_store_kernel[(n, heads)](qkv, cos, sin, q, k_cache, v_cache, slot_blocks, slot_offsets, qkv.stride(0),
                                    cos.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                                   HEADS=num_heads, KV_HEADS=(heads - num_heads) // 2, HALF=d // 2, BLOCK=triton.next_power_of_2(d))
+                                   HEADS=num_heads, KV_HEADS=(heads - num_heads) // 2, HALF=d // 2,
+                                   BLOCK=triton.next_power_of_2(d))
     return q

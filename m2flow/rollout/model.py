@@ -221,7 +221,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_
 
 
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 block_tables: torch.Tensor, context_lens: torch.Tensor, max_context: int = 0) -> torch.Tensor:
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                 max_context: int = 0) -> torch.Tensor:
     """`decode_attention` written as block lookups and sums instead of a gathered copy and matmuls, for
     torch.compile: inductor fuses the lookup into the score and weighted-sum loops, so keys and values are
     read in place (on CPU about 2x faster than the compiled gather + matmul form; slower eagerly). The

@@ -107,11 +107,17 @@ def test_triton_on_cpu_needs_the_interpreter(model_dir, monkeypatch):
 def test_compiled_decode_matches_the_gather_path(model_dir, prompts, reference):
     """torch.compile'd decode steps (one graph for batch 1, one dynamic graph for the rest) give the eager
     path's tokens, and logprobs within 1e-4 (the fused reductions round differently)."""
+    from torch._dynamo.utils import counters
+
     config = EngineConfig(max_num_seqs=24, max_model_len=160, cuda_graphs=False, kernels="torch", compile=True)
     engine = Engine.from_pretrained(model_dir, config, device=DEVICE)
+    graphs_before = counters["stats"]["unique_graphs"]
     _same(engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=14)), reference[0], atol=1e-4)
     sampled = SamplingParams(n=3, temperature=1.0, max_new_tokens=14, seed=3, stop_token_ids=STOP)
     _same(engine.generate(prompts, sampled), reference[1], atol=1e-4)
+    engine.generate(prompts[:1], SamplingParams(max_new_tokens=20))  # batch 1, longer contexts
+    # decode step and sampler: one graph for batch 1 and one for every other batch size and table width
+    assert counters["stats"]["unique_graphs"] - graphs_before == 4
     engine.sleep()  # a new KV cache: the compiled step (whose module guards are skipped) uses the new one
     engine.wake()
     (one,) = engine.generate(prompts[:1], SamplingParams(temperature=0.0, max_new_tokens=14))
@@ -124,3 +130,22 @@ def test_compile_is_for_the_eager_torch_path(model_dir):
     with pytest.raises(ValueError, match="compile applies to the eager PyTorch decode path"):
         Engine(Engine.from_pretrained(model_dir, EngineConfig(max_num_seqs=4, max_model_len=64)).model, None,
                EngineConfig(max_num_seqs=4, max_model_len=64, kernels="triton", compile=True))
+
+
+def test_compiled_engines_of_two_architectures_share_a_process(model_dir, prompts, micro_config, tokenizer, tmp_path):
+    """Compiled graphs are cached per function, not per engine: a second engine with another architecture
+    (here 3 layers instead of 2) must not run the first one's graph (the guards keep its tensor shapes)."""
+    from m2flow.models.tiny import make_tiny_model, tiny_qwen2_config
+
+    m = micro_config
+    config = tiny_qwen2_config(m.vocab_size, hidden_size=m.hidden_size, num_layers=3, num_heads=m.num_attention_heads,
+                               num_kv_heads=m.num_key_value_heads, intermediate_size=m.intermediate_size,
+                               eos_token_id=m.eos_token_id, pad_token_id=m.pad_token_id)
+    other = save_hf_checkpoint(str(tmp_path / "three-layers"), config, make_tiny_model(config, seed=2).state_dict(),
+                               tokenizer)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=5)
+    for path in (model_dir, other):
+        eager = make_engine(path).generate(prompts, params)
+        compiled = Engine.from_pretrained(path, EngineConfig(max_num_seqs=24, max_model_len=160, kernels="torch",
+                                                              compile=True), device=DEVICE)
+        _same(compiled.generate(prompts, params), eager, atol=1e-4)
