@@ -1,10 +1,10 @@
 """Owns the model and its KV cache; turns a scheduled step into flat model inputs, runs it, samples.
 
 On a GPU, decode steps run the paged Triton kernel (blocks read in place) and replay CUDA graphs: the
-decode forward and the logits are captured once per batch-size bucket over static input buffers
-(`DecodeGraphs`). A decode step is then two host-to-device copies of its inputs (built in Python), one
-graph replay instead of hundreds of kernel launches, one sampling kernel, and the copy of the tokens back.
-Prefill steps run eagerly.
+decode forward, the logits and the fused sampling are captured once per batch-size bucket over static
+input buffers (`DecodeGraphs`). A decode step is then three host-to-device copies of its inputs (built in
+Python), one graph replay instead of hundreds of kernel launches, and the copy of the tokens back. Rows
+with top-k / top-p are sampled after the replay, from its logits. Prefill steps run eagerly.
 """
 
 from __future__ import annotations
@@ -23,33 +23,42 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
 
 
 class DecodeGraphs:
-    """The decode forward (logits included) over static input buffers, padded up to a few batch sizes and
-    replayed as CUDA graphs (one per size, captured largest first in one memory pool). Padded rows write
-    their keys and values to a scratch block and attend to one token of it. With `capture=False` the same
-    padded forward runs eagerly: how the tests check the buffers and the padding on a CPU."""
+    """One decode step (forward, logits and, given a `sampler`, the sampling of rows without top-k / top-p)
+    over static input buffers, padded up to a few batch sizes and replayed as CUDA graphs (one per size,
+    captured largest first in one memory pool). Padded rows write their keys and values to a scratch block
+    and attend to one token of it. With `capture=False` the same padded step runs eagerly: how the tests
+    check the buffers and the padding on a CPU."""
 
     def __init__(self, model: CausalLM, max_batch: int, max_blocks: int, block_size: int, scratch_block: int,
-                 capture: bool):
-        self.model, self.capture, self.scratch = model, capture, scratch_block
+                 capture: bool, sampler=None):
+        self.model, self.capture, self.scratch, self.sampler = model, capture, scratch_block, sampler
         self.max_context = max_blocks * block_size
         self.sizes = sorted({*(s for s in (1, 2, 4, 8) if s < max_batch), *range(16, max_batch, 16), max_batch})
-        ints = dict(dtype=torch.int64, device=next(model.parameters()).device)
+        device = next(model.parameters()).device
+        ints = dict(dtype=torch.int64, device=device)
         self.inputs = torch.zeros(len(DECODE_ROWS), max_batch, **ints)  # rows: DECODE_ROWS
-        self.pad = torch.tensor([0, 0, scratch_block, 0, 1], **ints)[:, None]  # a padded row's column
+        pad = dict(input_ids=0, positions=0, slot_blocks=scratch_block, slot_offsets=0, context_lens=1)
+        self.pad = torch.tensor([pad.get(row, 0) for row in DECODE_ROWS], **ints)[:, None]  # a padded column
+        self.temperature = torch.zeros(max_batch, dtype=torch.float32, device=device)  # padded rows: greedy
         self.block_tables = torch.full((max_batch, max_blocks), scratch_block, **ints)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, tuple] = {}
         if capture:
             self._capture()
 
-    def _forward(self, size: int) -> torch.Tensor:
-        return decode_logits(self.model, self.inputs[:, :size], self.block_tables[:size], self.max_context)
+    def _forward(self, size: int) -> tuple:
+        inputs = self.inputs[:, :size]
+        logits = decode_logits(self.model, inputs, self.block_tables[:size], self.max_context)
+        if self.sampler is None:
+            return logits, None, None
+        seeds, positions = inputs[DECODE_ROWS.index("seeds")], inputs[DECODE_ROWS.index("sample_positions")]
+        return logits, *self.sampler(logits, self.temperature[:size], seeds, positions)
 
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = None
         for size in reversed(self.sizes):
-            self._forward(size)  # warm-up outside the graph (compiles the Triton kernel for this launch)
+            self._forward(size)  # warm-up outside the graph (compiles the Triton kernels for this launch)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[size] = self._forward(size)
@@ -57,30 +66,37 @@ class DecodeGraphs:
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
-    def run(self, inputs: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] (float32) of one decode step for B <= max_batch sequences (`decode_logits`'s inputs)."""
+    def run(self, inputs: torch.Tensor, block_tables: torch.Tensor, temperature: torch.Tensor) -> tuple:
+        """(logits [B, V] float32, tokens [B] and logprobs [B], or None without a sampler) of one decode step
+        for B <= max_batch sequences; `inputs` [len(DECODE_ROWS), B]."""
         b, width = block_tables.shape
         size = next(s for s in self.sizes if s >= b)
         self.inputs[:, :b] = inputs
+        self.temperature[:b] = temperature
         # stale entries past a sequence's context are not read by the kernel (masked by the gather path)
         self.block_tables[:b, :width] = block_tables
         if b < size:
             self.inputs[:, b:size] = self.pad
+            self.temperature[b:size] = 0.0
             self.block_tables[b:size, 0] = self.scratch
         if self.capture:
             self.graphs[size].replay()
-            return self.outputs[size][:b]
-        return self._forward(size)[:b]
+            outputs = self.outputs[size]
+        else:
+            outputs = self._forward(size)
+        return tuple(None if t is None else t[:b] for t in outputs)
 
 
-DECODE_ROWS = ("input_ids", "positions", "slot_blocks", "slot_offsets", "context_lens")
+# a decode step's int64 inputs, one row each: the model's, then the sampler's (top_k is read outside graphs)
+DECODE_ROWS = ("input_ids", "positions", "slot_blocks", "slot_offsets", "context_lens", "seeds", "sample_positions",
+               "top_k")
 
 
 def decode_logits(model: CausalLM, inputs: torch.Tensor, block_tables: torch.Tensor, max_context: int) -> torch.Tensor:
     """Logits [B, V] of one decode step: `inputs` [len(DECODE_ROWS), B] holds each sequence's last token, its
-    position, the cache block and offset its KV goes to, and its context length (that token included);
-    block_tables [B, M]."""
-    input_ids, positions, slot_blocks, slot_offsets, context_lens = inputs
+    position, the cache block and offset its KV goes to, and its context length (that token included), then
+    the sampler's rows; block_tables [B, M]."""
+    input_ids, positions, slot_blocks, slot_offsets, context_lens = inputs[:5]
     attn = AttentionInputs(slot_blocks, slot_offsets, block_tables, context_lens=context_lens, max_context=max_context)
     return model.logits(model(input_ids, positions, attn))
 
@@ -99,6 +115,18 @@ def compiled(decode):
             if tensor.shape[dim] > 1:
                 torch._dynamo.mark_dynamic(tensor, dim)
         return compiled_decode(model, inputs, block_tables, 0)  # (max_context sizes Triton launches only)
+
+    return run
+
+
+def compiled_sampler():
+    """`sampler.sample_untruncated` through torch.compile: one graph for batch 1, one for the rest. The seed
+    and position rows are copied first: views at other offsets into a step's input tensor would each
+    cost a recompile (dynamo guards storage offsets)."""
+    compiled_sample = torch.compile(sample_untruncated, dynamic=True)
+
+    def run(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor):
+        return compiled_sample(logits, temperature, seeds.clone(), positions.clone())
 
     return run
 
@@ -139,7 +167,7 @@ class ModelRunner:
         else:  # compiled: attention as lookups and sums, which inductor fuses (see the function)
             model.use_kernels(paged_decode_attention_torch if compile else None)
             if compile:
-                self.fused_sample = torch.compile(sample_untruncated, dynamic=True)
+                self.fused_sample = compiled_sampler()
         self.decode = compiled(decode_logits) if compile else decode_logits
         self.kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
@@ -156,7 +184,8 @@ class ModelRunner:
         if self.static_decode:
             max_blocks = -(-self.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, self.max_num_seqs, max_blocks, self.block_size,
-                                       scratch_block=self.num_blocks, capture=self.cuda_graphs)
+                                       scratch_block=self.num_blocks, capture=self.cuda_graphs,
+                                       sampler=self.fused_sample)
 
     def free_kv(self) -> None:
         for layer in self.model.model.layers:
@@ -178,24 +207,38 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
         """Computes the KV of each sequence's uncomputed tokens and samples its next token."""
-        logits = self._prefill_logits(seqs) if is_prefill else self._decode_logits(seqs)
-        tokens, logprobs = self._sample(logits, seqs)
+        params = [s.params for s in seqs]
+        sampling = [[p.seed for p in params], [s.num_completion_tokens for s in seqs], [p.top_k for p in params]]
+        temperature, top_p = self._tensor([[p.temperature for p in params], [p.top_p for p in params]], torch.float32)
+        if is_prefill:
+            logits, tokens, logprobs = self._prefill_logits(seqs), None, None
+            seeds, positions, top_k = self._tensor(sampling)
+        else:
+            inputs = self._decode_inputs(seqs, sampling)
+            tables = self._block_tables(seqs)
+            if self.graphs is not None:  # sampled in the graph, unless some row truncates
+                logits, tokens, logprobs = self.graphs.run(inputs, tables, temperature)
+            else:
+                logits = self.decode(self.model, inputs, tables, max(len(s) for s in seqs))
+                tokens = logprobs = None
+            seeds, positions, top_k = inputs[5:]
+        truncating = any(p.top_k > 0 or p.top_p < 1 for p in params)
+        if tokens is None or truncating:
+            if self.fused_sample is not None and not truncating:
+                tokens, logprobs = self.fused_sample(logits, temperature, seeds, positions)
+            else:
+                tokens, logprobs = sample(logits, temperature, top_k, top_p, seeds, positions)
         for s in seqs:
             s.num_computed_tokens = len(s)
         return tokens.tolist(), logprobs.tolist()
 
-    def _decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        """A step's inputs are built on the host and copied in two transfers (rows, block tables): on a GPU
-        the step is then a few copies and one graph replay."""
+    def _decode_inputs(self, seqs: list[Sequence], sampling: list[list[int]]) -> torch.Tensor:
+        """The DECODE_ROWS of a step, built on the host and copied in one transfer."""
         bs = self.block_size
         last = [len(s) - 1 for s in seqs]  # the position of each sequence's newest token
-        inputs = self._tensor([[s.token_ids[-1] for s in seqs], last,
-                               [s.block_table[p // bs] for s, p in zip(seqs, last)], [p % bs for p in last],
-                               [p + 1 for p in last]])
-        tables = self._block_tables(seqs)
-        if self.graphs is not None:
-            return self.graphs.run(inputs, tables)
-        return self.decode(self.model, inputs, tables, max(last) + 1)
+        blocks = [s.block_table[p // bs] for s, p in zip(seqs, last)]
+        return self._tensor([[s.token_ids[-1] for s in seqs], last, blocks, [p % bs for p in last],
+                             [p + 1 for p in last], *sampling])
 
     def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits at each sequence's last token, computing the KV of its tokens not yet in the cache."""
@@ -218,12 +261,3 @@ class ModelRunner:
         attn = AttentionInputs(slot_blocks, slot_offsets, tables, query_index, mask)
         hidden = self.model(input_ids, positions, attn)[first + new - 1]  # each sequence's last token
         return self.model.logits(hidden)
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        params = [s.params for s in seqs]
-        seeds, positions, top_k = self._tensor([[p.seed for p in params], [s.num_completion_tokens for s in seqs],
-                                                [p.top_k for p in params]])
-        temperature, top_p = self._tensor([[p.temperature for p in params], [p.top_p for p in params]], torch.float32)
-        if self.fused_sample is not None and not any(p.top_k > 0 or p.top_p < 1 for p in params):
-            return self.fused_sample(logits, temperature, seeds, positions)
-        return sample(logits, temperature, top_k, top_p, seeds, positions)
