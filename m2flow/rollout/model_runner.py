@@ -37,7 +37,7 @@ class DecodeGraphs:
         device = next(model.parameters()).device
         ints = dict(dtype=torch.int64, device=device)
         self.inputs = torch.zeros(len(DECODE_ROWS), max_batch, **ints)  # rows: DECODE_ROWS
-        pad = dict(input_ids=0, positions=0, slot_blocks=scratch_block, slot_offsets=0, context_lens=1)
+        pad = dict(slot_blocks=scratch_block, context_lens=1)  # the scratch block, one token; 0 elsewhere
         self.pad = torch.tensor([pad.get(row, 0) for row in DECODE_ROWS], **ints)[:, None]  # a padded column
         self.temperature = torch.zeros(max_batch, dtype=torch.float32, device=device)  # padded rows: greedy
         self.block_tables = torch.full((max_batch, max_blocks), scratch_block, **ints)
@@ -221,7 +221,7 @@ class ModelRunner:
             else:
                 logits = self.decode(self.model, inputs, tables, max(len(s) for s in seqs))
                 tokens = logprobs = None
-            seeds, positions, top_k = inputs[5:]
+            seeds, positions, top_k = inputs[5:]  # the sampler's rows of DECODE_ROWS
         truncating = any(p.top_k > 0 or p.top_p < 1 for p in params)
         if tokens is None or truncating:
             if self.fused_sample is not None and not truncating:
