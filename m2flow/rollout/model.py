@@ -213,11 +213,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_
     (softmax in float32)."""
     b, m, h_kv, bs, d = k.shape
     scores = torch.matmul(q[:, None], k.transpose(-1, -2))  # [B, M, H_kv, G, block_size]
-    scores = scores.permute(0, 2, 3, 1, 4).reshape(b, h_kv, -1, m * bs).mul_(d**-0.5)
-    beyond = torch.arange(m * bs, device=k.device)[None, :] >= context_lens[:, None]  # [B, K]
-    scores.masked_fill_(beyond[:, None, None], float("-inf"))
-    probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype).view(b, h_kv, -1, m, bs).permute(0, 3, 1, 2, 4)
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(b, h_kv, -1, m * bs)
+    probs = _context_softmax(scores, d**-0.5, context_lens, v.dtype)
+    probs = probs.view(b, h_kv, -1, m, bs).permute(0, 3, 1, 2, 4)  # [B, M, H_kv, G, block_size]
     return torch.matmul(probs, v).sum(1)  # [B, M, H_kv, G, D] summed over blocks
+
+
+def _context_softmax(scores: torch.Tensor, scale: float, context_lens: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Softmax (in float32, then cast to `dtype`) of scores [B, H_kv, G, K] times `scale` over each sequence's
+    first context_lens[b] keys; the scores are scaled and masked in place."""
+    beyond = torch.arange(scores.shape[-1], device=scores.device)[None, :] >= context_lens[:, None]  # [B, K]
+    scores.mul_(scale).masked_fill_(beyond[:, None, None], float("-inf"))
+    return scores.softmax(-1, dtype=torch.float32).to(dtype)
 
 
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -232,10 +240,9 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     h_kv, bs, d = k_cache.shape[1:]
     g = q.shape[1] // h_kv
     scores = (q.view(b, 1, h_kv, g, 1, d) * k_cache[block_tables][:, :, :, None]).sum(-1)  # [B, M, H_kv, G, bs]
-    scores = scores.permute(0, 2, 3, 1, 4).reshape(b, h_kv, g, m * bs) * d**-0.5
-    beyond = torch.arange(m * bs, device=q.device)[None, :] >= context_lens[:, None]  # [B, K]
-    probs = scores.masked_fill(beyond[:, None, None], float("-inf")).softmax(-1, dtype=torch.float32)
-    probs = probs.to(v_cache.dtype).view(b, h_kv, g, m, bs).permute(0, 3, 1, 2, 4)  # [B, M, H_kv, G, bs]
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(b, h_kv, g, m * bs)
+    probs = _context_softmax(scores, d**-0.5, context_lens, v_cache.dtype)
+    probs = probs.view(b, h_kv, g, m, bs).permute(0, 3, 1, 2, 4)  # [B, M, H_kv, G, bs]
     return (probs[..., None] * v_cache[block_tables][:, :, :, None]).sum((1, 4)).view(b, -1, d)
 
 

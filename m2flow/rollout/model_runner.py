@@ -51,7 +51,7 @@ class DecodeGraphs:
         logits = decode_logits(self.model, inputs, self.block_tables[:size], self.max_context)
         if self.sampler is None:
             return logits, None, None
-        seeds, positions = inputs[DECODE_ROWS.index("seeds")], inputs[DECODE_ROWS.index("sample_positions")]
+        seeds, positions, _ = inputs[5:]  # the sampler's rows of DECODE_ROWS (top_k is applied outside)
         return logits, *self.sampler(logits, self.temperature[:size], seeds, positions)
 
     @torch.inference_mode()

@@ -45,6 +45,17 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int)
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, V] from `uniform_noise`: adding it to logits / T and taking the arg-max samples."""
+    return -torch.log(-torch.log(uniform_noise(seeds, positions, vocab_size)))
+
+
+def _scale(logits: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greedy rows [B], logits / T [B, V] with T = 1 for greedy rows)."""
+    greedy = temperature == 0
+    return greedy, logits / torch.where(greedy, 1.0, temperature)[:, None]
+
+
 def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Sets to -inf the logits outside each row's top-k (0 = off) and top-p nucleus (1.0 = off); [B, V]."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -68,15 +79,14 @@ def sample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [B], logprobs [B]) from float32 logits [B, V]; per-row temperature [B] (0 = greedy), top_k [B]
     int, top_p [B], seeds [B] int64 in [0, 2**32), positions [B] int64 (index of the token being sampled)."""
-    greedy = temperature == 0
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    greedy, scaled = _scale(logits, temperature)
     logprobs_all = torch.log_softmax(scaled, dim=-1)
     tokens = logits.argmax(dim=-1)
     if not bool(greedy.all()):  # (an all-greedy batch, e.g. evaluation, needs no noise)
         candidates = scaled
         if bool(((top_k > 0) | (top_p < 1)).any()):
             candidates = truncate(scaled, top_k, top_p)
-        gumbel = -torch.log(-torch.log(uniform_noise(seeds, positions, logits.shape[-1])))
+        gumbel = gumbel_noise(seeds, positions, logits.shape[-1])
         tokens = torch.where(greedy, tokens, (candidates + gumbel).argmax(dim=-1))
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -86,8 +96,7 @@ def sample_untruncated(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample` for rows without top-k / top-p, branch-free so that torch.compile makes it a few fused loops
     (compiled CPU engines; GPUs use sampling_kernel.py): the same tokens and logprobs."""
-    greedy = temperature == 0
-    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
-    gumbel = -torch.log(-torch.log(uniform_noise(seeds, positions, logits.shape[-1])))
+    greedy, scaled = _scale(logits, temperature)
+    gumbel = gumbel_noise(seeds, positions, logits.shape[-1])
     tokens = torch.where(greedy, logits.argmax(dim=-1), (scaled + gumbel).argmax(dim=-1))
     return tokens, torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)

@@ -6,9 +6,9 @@ memory traffic per decode step on a GPU. This kernel reads each logit once: one 
 vocabulary in tiles, computes the same hashed noise in registers, and keeps a running arg-max of
 ``logits / T + Gumbel`` and a running log-sum-exp of ``logits / T`` for the logprob. Tokens are those of
 `sampler.sample` (same noise, same arg-max rule; the float rounding of the two can differ by an ulp, which
-could only matter for an exact tie), logprobs agree within float32 rounding. The hash of each row's seed and position is computed in the
-kernel as well, so a step's sampling is one launch. GPU only; the tests run it in
-Triton's interpreter.
+could only matter for an exact tie), logprobs agree within float32 rounding. The hash of each row's seed
+and position is computed in the kernel as well, so a step's sampling is one launch. GPU only; the tests
+run it in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -72,5 +72,6 @@ def fused_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.T
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
     assert temperature.dtype == torch.float32 and all(t.stride(0) == 1 for t in (temperature, seeds, positions))
-    _sample_kernel[(b,)](logits, logits.stride(0), temperature, seeds, positions, tokens, logprobs, vocab, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)))
+    _sample_kernel[(b,)](logits, logits.stride(0), temperature, seeds, positions, tokens, logprobs, vocab,
+                         BLOCK_V=min(BLOCK_V, triton.next_power_of_2(vocab)))
     return tokens, logprobs
