@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from m2flow.rollout.block_manager import BlockManager
-from m2flow.rollout.model import PACKED, CausalLM, ModelArgs, rope_inv_freq, shard_sizes
+from m2flow.rollout.model import PACKED, CausalLM, ModelArgs, shard_sizes
 from m2flow.rollout.model_runner import ModelRunner, kv_bytes_per_token
 from m2flow.rollout.scheduler import Scheduler
 from m2flow.rollout.sequence import SeqParams, Sequence, Status
@@ -81,7 +81,7 @@ def empty_model(args: ModelArgs, dtype: torch.dtype, device) -> CausalLM:
         model = CausalLM(args)
     model = model.to_empty(device=device).to(dtype)
     model.tie_weights()  # to_empty made the tied head a separate tensor
-    model.inv_freq = rope_inv_freq(args).to(device)  # float32 whatever the weights' dtype (meta had none)
+    model.init_rope(args.max_position_embeddings)  # (meta had none)
     return model
 
 

@@ -298,7 +298,18 @@ class CausalLM(nn.Module):
         self.model = Decoder(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
-        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.init_rope(args.max_position_embeddings)
+
+    def init_rope(self, max_positions: int) -> None:
+        """The rotary table `rope_cache` [max_positions, head_dim]: cos then sin of position * inverse
+        frequency (computed in float32, as the trainer does, then stored in the weights' dtype). A decode
+        step looks its positions up instead of evaluating cos and sin (which inductor would otherwise
+        recompute for every key the rotated query meets)."""
+        weight = self.model.embed_tokens.weight
+        inv_freq = rope_inv_freq(self.args).to(weight.device)
+        freqs = torch.arange(max_positions, device=weight.device).float()[:, None] * inv_freq[None, :]
+        table = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(weight.dtype)
+        self.register_buffer("rope_cache", table, persistent=False)
 
     def tie_weights(self) -> None:
         """Shares the embedding with the output head when the config ties them (again after `to_empty`)."""
@@ -307,9 +318,8 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # float32, as the trainer computes it
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self.rope_cache[positions].to(x.dtype)[:, None].chunk(2, dim=-1)
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)  # [N, 1, D], halves repeated
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, cos, sin, attn)

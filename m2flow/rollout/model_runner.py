@@ -152,6 +152,8 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        if max_model_len:
+            model.init_rope(max_model_len)  # the rotary table covers exactly the positions this engine uses
         self.static_decode, self.cuda_graphs = static_decode, cuda_graphs
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype

@@ -268,7 +268,12 @@ def test_bfloat16_engine_runs_and_tracks_the_bf16_trainer(model_dir, hf_model, t
     bf16 (not equal: the op order differs, which is what algorithm.tis_cap corrects for)."""
     engine = Engine.from_pretrained(model_dir, dtype="bfloat16")
     assert next(engine.model.parameters()).dtype == torch.bfloat16 and engine.runner.kv_cache.dtype == torch.bfloat16
-    assert engine.model.inv_freq.dtype == torch.float32
+    # the rotary table: computed in float32 and rounded to bf16, exactly as transformers' bf16 forward does
+    positions = torch.arange(engine.max_model_len)[None]
+    cos, sin = hf_model.model.rotary_emb(torch.zeros(1, dtype=torch.bfloat16), positions)
+    half = cos.shape[-1] // 2
+    assert engine.model.rope_cache.dtype == torch.bfloat16
+    assert torch.equal(engine.model.rope_cache, torch.cat((cos[0, :, :half], sin[0, :, :half]), dim=-1))
     samples = engine.generate(prompts[:8], SamplingParams(n=2, temperature=1.0, max_new_tokens=12, seed=0))
     trainer, rollout = _trainer_logprobs(copy.deepcopy(hf_model).to(torch.bfloat16), samples, tokenizer, 1.0)
     assert torch.isfinite(rollout).all() and rollout.numel() > 50
