@@ -47,12 +47,8 @@ class DecodeGraphs:
             self._capture()
 
     def _forward(self, size: int) -> tuple:
-        inputs = self.inputs[:, :size]
-        logits = decode_logits(self.model, inputs, self.block_tables[:size], self.max_context)
-        if self.sampler is None:
-            return logits, None, None
-        seeds, positions, _ = inputs[5:]  # the sampler's rows of DECODE_ROWS (top_k is applied outside)
-        return logits, *self.sampler(logits, self.temperature[:size], seeds, positions)
+        return decode_step(self.model, self.inputs[:, :size], self.block_tables[:size], self.max_context,
+                           self.temperature[:size], self.sampler)
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -92,41 +88,36 @@ DECODE_ROWS = ("input_ids", "positions", "slot_blocks", "slot_offsets", "context
                "top_k")
 
 
-def decode_logits(model: CausalLM, inputs: torch.Tensor, block_tables: torch.Tensor, max_context: int) -> torch.Tensor:
-    """Logits [B, V] of one decode step: `inputs` [len(DECODE_ROWS), B] holds each sequence's last token, its
-    position, the cache block and offset its KV goes to, and its context length (that token included), then
-    the sampler's rows; block_tables [B, M]."""
-    input_ids, positions, slot_blocks, slot_offsets, context_lens = inputs[:5]
+def decode_step(model: CausalLM, inputs: torch.Tensor, block_tables: torch.Tensor, max_context: int,
+                temperature: torch.Tensor, sampler=None) -> tuple:
+    """One decode step: (logits [B, V] float32, then the sampled tokens [B] and their logprobs [B] if a
+    `sampler` (for rows without top-k / top-p) is given, else None, None). `inputs` [len(DECODE_ROWS), B]
+    holds each sequence's last token, its position, the cache block and offset its KV goes to, its context
+    length (that token included), then the sampler's rows; block_tables [B, M]; temperature [B]."""
+    input_ids, positions, slot_blocks, slot_offsets, context_lens, seeds, sample_positions, _ = inputs
     attn = AttentionInputs(slot_blocks, slot_offsets, block_tables, context_lens=context_lens, max_context=max_context)
-    return model.logits(model(input_ids, positions, attn))
+    logits = model.logits(model(input_ids, positions, attn))
+    if sampler is None:
+        return logits, None, None
+    return logits, *sampler(logits, temperature, seeds, sample_positions)
 
 
-def compiled(decode):
-    """`decode` through torch.compile, with only the batch and block-table widths dynamic (marked, so a
-    changed size does not cost a recompile first): one graph for batch 1, one for every other batch size.
-    The KV cache and the weights stay static. Of the guards on the model's modules only those on tensors
-    are kept (all of them cost ~200 us a step): the weights and the cache are read from the modules at each
-    call (a new cache after sleep/wake is used, which the tests check), and a model of another
-    architecture fails the tensor guards and compiles its own graph."""
-    compiled_decode = torch.compile(decode, options=dict(guard_filter_fn=_tensor_guards_for_modules))
+def compiled(step):
+    """`step` (decode_step's signature) through torch.compile, with only the batch and block-table widths
+    dynamic (marked, so a changed size does not cost a recompile first): one graph for batch 1, one for
+    every other batch size. The KV cache and the weights stay static. Of the guards on the model's modules
+    only those on tensors are kept (all of them cost ~200 us a step): the weights and the cache are read
+    from the modules at each call (a new cache after sleep/wake is used, which the tests check), and a
+    model of another architecture fails the tensor guards and compiles its own graph."""
+    compiled_step = torch.compile(step, options=dict(guard_filter_fn=_tensor_guards_for_modules))
 
-    def run(model: CausalLM, inputs: torch.Tensor, block_tables: torch.Tensor, max_context: int) -> torch.Tensor:
-        for tensor, dim in ((inputs, 1), (block_tables, 0), (block_tables, 1)):
+    def run(model: CausalLM, inputs: torch.Tensor, block_tables: torch.Tensor, max_context: int,
+            temperature: torch.Tensor, sampler=None) -> tuple:
+        for tensor, dim in ((inputs, 1), (block_tables, 0), (block_tables, 1), (temperature, 0)):
             if tensor.shape[dim] > 1:
                 torch._dynamo.mark_dynamic(tensor, dim)
-        return compiled_decode(model, inputs, block_tables, 0)  # (max_context sizes Triton launches only)
-
-    return run
-
-
-def compiled_sampler():
-    """`sampler.sample_untruncated` through torch.compile: one graph for batch 1, one for the rest. The seed
-    and position rows are copied first: views at other offsets into a step's input tensor would each
-    cost a recompile (dynamo guards storage offsets)."""
-    compiled_sample = torch.compile(sample_untruncated, dynamic=True)
-
-    def run(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor):
-        return compiled_sample(logits, temperature, seeds.clone(), positions.clone())
+        # (max_context sizes Triton launches only: a constant here, so it costs no guard)
+        return compiled_step(model, inputs, block_tables, 0, temperature, sampler)
 
     return run
 
@@ -158,7 +149,7 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.triton_kernels = triton_kernels
-        self.fused_sample = None  # rows without top-k / top-p: sampling_kernel.fused_sample, or compiled torch
+        self.fused_sample = None  # rows without top-k / top-p: sampling_kernel.fused_sample, or torch's (compiled)
         if triton_kernels:
             from m2flow.rollout import fused_ops
             from m2flow.rollout.paged_attention import paged_decode_attention
@@ -168,9 +159,9 @@ class ModelRunner:
             self.fused_sample = fused_sample
         else:  # compiled: attention as lookups and sums, which inductor fuses (see the function)
             model.use_kernels(paged_decode_attention_torch if compile else None)
-            if compile:
-                self.fused_sample = compiled_sampler()
-        self.decode = compiled(decode_logits) if compile else decode_logits
+            if compile:  # compiled with the decode step, in the same graph
+                self.fused_sample = sample_untruncated
+        self.decode = compiled(decode_step) if compile else decode_step
         self.kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
         self.allocate_kv()
@@ -221,8 +212,8 @@ class ModelRunner:
             if self.graphs is not None:  # sampled in the graph, unless some row truncates
                 logits, tokens, logprobs = self.graphs.run(inputs, tables, temperature)
             else:
-                logits = self.decode(self.model, inputs, tables, max(len(s) for s in seqs))
-                tokens = logprobs = None
+                logits, tokens, logprobs = self.decode(self.model, inputs, tables, max(len(s) for s in seqs),
+                                                       temperature, self.fused_sample)
             seeds, positions, top_k = inputs[5:]  # the sampler's rows of DECODE_ROWS
         truncating = any(p.top_k > 0 or p.top_p < 1 for p in params)
         if tokens is None or truncating:
