@@ -1,8 +1,10 @@
 """Fixed-size KV blocks with reference counts and hash-keyed prefix reuse.
 
 A full block is identified by the hash of its tokens chained with the hash of the block before it, so
-two sequences that start with the same tokens (the n samples of a GRPO group, or requests sharing a
-system prompt) point at the same physical blocks. A sequence's last token is always computed, never
+two sequences that start with the same tokens (requests sharing a system prompt, or a GRPO group's
+prompt across calls) point at the same physical blocks. Sequences with identical tokens prefilled in
+the same step (the n samples of a prompt) are forks of one of them: its blocks are shared whole, and its
+partial last block copied, so the prompt is computed once. A sequence's last token is always computed, never
 taken from the cache, so every sequence has at least one query to produce its next-token logits.
 Freed blocks keep their hash until reused, so a later request can still hit them.
 """
@@ -95,6 +97,23 @@ class BlockManager:
             else:
                 h = -1
             seq.block_table.append(block.id)
+
+    def fork_blocks_needed(self, seq: Sequence) -> int:
+        """Blocks `fork` takes: one for a partial last block, none if the tokens end on a block boundary."""
+        return 1 if len(seq) % self.block_size else 0
+
+    def fork(self, seq: Sequence, source: Sequence) -> None:
+        """Block table of `seq`, whose tokens equal those of `source` (allocated in the same prefill step):
+        `source`'s full blocks are shared; a partial last block gets a block of its own, which the model
+        runner fills with a copy of `source`'s once that is written (the next tokens of the two differ)."""
+        assert not seq.block_table and seq.token_ids == source.token_ids
+        full = len(seq) // self.block_size
+        for block_id in source.block_table[:full]:
+            self.blocks[block_id].ref_count += 1
+            seq.block_table.append(block_id)
+        if self.fork_blocks_needed(seq):
+            seq.block_table.append(self._take().id)
+        seq.num_cached_tokens = seq.num_computed_tokens = source.num_computed_tokens
 
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):

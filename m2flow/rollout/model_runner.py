@@ -234,6 +234,20 @@ class ModelRunner:
                              [p + 1 for p in last], *sampling])
 
     def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits at each sequence's last token, computing the KV of its tokens not yet in the cache. A fork
+        (`fork_of` set) gets the KV of its partial last block copied from its source and the source's logits."""
+        computed = [s for s in seqs if s.fork_of is None]
+        logits = self._compute_prefill(computed)
+        if len(computed) == len(seqs):
+            return logits
+        forks = [s for s in seqs if s.fork_of is not None and s.block_table[-1] != s.fork_of.block_table[-1]]
+        if forks:
+            src, dst = self._tensor([[s.fork_of.block_table[-1] for s in forks], [s.block_table[-1] for s in forks]])
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        row = {id(s): i for i, s in enumerate(computed)}
+        return logits[self._tensor([row[id(s.fork_of or s)] for s in seqs])]
+
+    def _compute_prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits at each sequence's last token, computing the KV of its tokens not yet in the cache."""
         lengths = self._tensor([len(s) for s in seqs])
         tables = self._block_tables(seqs)

@@ -1,7 +1,8 @@
 """Continuous batching: which sequences run in the next step.
 
 Waiting sequences are prefilled first (as many as the token and sequence budgets and free blocks
-allow); otherwise every running sequence decodes one token. When a decode step has no free block for a
+allow; a sequence with the same tokens as one already in the step, such as another sample of the same
+prompt, forks it and costs no tokens); otherwise every running sequence decodes one token. When a decode step has no free block for a
 sequence, the newest running sequence is preempted: its blocks are freed and it goes back to the front of
 the waiting queue, to be recomputed (prompt and tokens generated so far) when blocks are free again.
 """
@@ -48,14 +49,22 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         """(sequences of the next step, whether it is a prefill step)."""
         scheduled, num_tokens = [], 0
+        computed: dict[tuple[int, ...], Sequence] = {}  # the sequences this step computes, by their tokens
         while self.waiting and len(self.running) + len(scheduled) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.blocks.cached_prefix(seq)
-            new_tokens = len(seq) - len(cached) * self.blocks.block_size
-            if not self.blocks.can_allocate(seq) or (scheduled and num_tokens + new_tokens > self.max_num_batched_tokens):
-                break
-            self.blocks.allocate(seq, cached)
-            num_tokens += new_tokens
+            seq.fork_of = computed.get(tuple(seq.token_ids)) if self.blocks.prefix_caching else None
+            if seq.fork_of is not None:  # e.g. another sample of the same prompt: copies its KV, costs no tokens
+                if self.blocks.num_free < self.blocks.fork_blocks_needed(seq):
+                    break
+                self.blocks.fork(seq, seq.fork_of)
+            else:
+                cached = self.blocks.cached_prefix(seq)
+                new_tokens = len(seq) - len(cached) * self.blocks.block_size
+                if not self.blocks.can_allocate(seq) or (scheduled and num_tokens + new_tokens > self.max_num_batched_tokens):
+                    break
+                self.blocks.allocate(seq, cached)
+                num_tokens += new_tokens
+                computed[tuple(seq.token_ids)] = seq
             seq.status = Status.RUNNING
             scheduled.append(self.waiting.popleft())
         if scheduled:

@@ -109,6 +109,8 @@ def test_results_do_not_depend_on_batching_prefix_sharing_or_preemption(model_di
     for name, config in variants.items():
         out = make_engine(model_dir, **config).generate(prompts[:10], params)
         assert _tokens(out) == _tokens(reference), name
+        for a, b in zip(out, reference):  # (without prefix sharing each sample computes its own prompt)
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
     # a KV budget of a few sequences forces preemption and recomputation
     tiny = make_engine(model_dir, block_size=4, kv_cache_gb=40 * 4 * 256 / 2**30)  # 256 B of KV per token
     assert tiny.num_blocks == 40
@@ -153,10 +155,49 @@ def test_n_samples_share_the_prompt_blocks(model_dir, prompts, tokenizer):
 
     engine.scheduler.finish = spy
     engine.generate([prompts[0]], SamplingParams(n=8, temperature=1.0, max_new_tokens=3, seed=0, ignore_eos=True))
-    shared = (len(ids) - 1) // 4  # full blocks before the one holding the last prompt token
-    assert shared >= 2
+    shared = len(ids) // 4  # the prompt's full blocks
+    assert shared >= 2 and len(ids) % 4
     assert all(t[:shared] == seqs[0][:shared] for t in seqs)
-    assert len({t[shared] for t in seqs}) == 8  # the block with the last prompt token is per sample
+    assert len({t[shared] for t in seqs}) == 8  # the partial block with the last prompt tokens is per sample
+
+
+def test_n_samples_compute_their_prompt_once(model_dir, prompts, tokenizer):
+    """The n samples of a prompt prefilled in one step fork the first: the prompt's tokens are computed once,
+    and the forks' copy of its partial last block holds the same KV."""
+    computed = []
+
+    def counting_engine():
+        engine = make_engine(model_dir, block_size=4)
+        original = engine.runner._compute_prefill
+
+        def spy(seqs):
+            computed.append(sum(len(s) - s.num_computed_tokens for s in seqs))
+            return original(seqs)
+
+        engine.runner._compute_prefill = spy
+        return engine
+
+    counting_engine().generate(prompts[:3], SamplingParams(n=1, max_new_tokens=1))
+    engine = counting_engine()
+    kv_of_last_block = {}
+    original_run = engine.runner.run
+
+    def run(seqs, is_prefill):  # the KV of each sample's partial last block, right after the prefill
+        out = original_run(seqs, is_prefill)
+        if is_prefill:
+            for s in seqs:
+                rows = (len(s) - 1) % 4 + 1
+                kv_of_last_block[s.id] = engine.runner.kv_cache[:, :, s.block_table[-1], :, :rows].clone()
+        return out
+
+    engine.runner.run = run
+    out = engine.generate(prompts[:3], SamplingParams(n=5, temperature=1.0, max_new_tokens=4, seed=0))
+    assert computed[1:] == computed[:1]  # as for one sample each (the prompts share a prefix: fewer than their tokens)
+    assert computed[0] > 0.5 * sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[:3])
+    assert len({tuple(s.token_ids) for s in out[:5]}) > 1  # the samples still differ
+    by_prompt = [list(kv_of_last_block.values())[5 * i : 5 * i + 5] for i in range(3)]
+    for group in by_prompt:
+        assert group[0].abs().sum() > 0 and all(torch.equal(kv, group[0]) for kv in group)
 
 
 def test_finish_reasons_and_stop_strings(engine, tokenizer, prompts):

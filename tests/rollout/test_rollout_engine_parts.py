@@ -166,6 +166,26 @@ def test_prefix_blocks_are_shared_counted_and_reused_after_free():
     assert bm.cached_prefix(_seq(4, range(10))) == []
 
 
+def test_a_fork_shares_the_full_blocks_and_owns_a_partial_last_block():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    a, b = _seq(0, range(10)), _seq(1, range(10))  # blocks [0-3] [4-7] [8-9]
+    bm.allocate(a)
+    assert bm.fork_blocks_needed(b) == 1
+    bm.fork(b, a)
+    assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] not in a.block_table
+    assert [bm.blocks[i].ref_count for i in a.block_table] == [2, 2, 1] and bm.num_free == 6
+    c, d = _seq(2, range(20, 28)), _seq(3, range(20, 28))  # ends on a block boundary: all blocks shared
+    bm.allocate(c)
+    assert bm.fork_blocks_needed(d) == 0
+    bm.fork(d, c)
+    assert d.block_table == c.block_table and bm.num_free == 4
+    for s in (a, b, c, d):
+        bm.free(s)
+    assert bm.num_free == 10 and all(block.ref_count == 0 for block in bm.blocks)
+    with pytest.raises(AssertionError):
+        bm.fork(_seq(4, range(9)), a)  # not the same tokens
+
+
 def test_decode_blocks_are_appended_and_registered_when_full():
     bm = BlockManager(num_blocks=4, block_size=2)
     s = _seq(0, [1, 2, 3])
