@@ -74,7 +74,7 @@ class RolloutConfig:
     block_size: int = 16  # m2flow: tokens per KV cache block
     kv_cache_gb: float = 0.0  # m2flow: KV cache budget in GiB; 0 = auto (kv_cache_fraction of free GPU memory, 1 GiB on CPU)
     kv_cache_fraction: float = 0.3  # m2flow: share of free GPU memory for the KV cache when kv_cache_gb is 0
-    prefix_caching: bool = True  # m2flow: samples of a prompt (and repeated prefixes) share KV blocks
+    prefix_caching: bool = True  # m2flow: a prompt's samples compute it once and share its KV (so do repeated prefixes)
     max_num_batched_tokens: int = 16384  # m2flow: prompt tokens computed in one prefill step
     sleep_between_steps: bool = False  # m2flow: free the KV cache after each generation (collocated: memory for training)
     cuda_graphs: bool = True  # m2flow on a GPU: replay decode steps as CUDA graphs (false: eager, for debugging)

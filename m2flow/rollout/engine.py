@@ -37,7 +37,8 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_gb: float = 0.0  # KV cache budget; 0 = auto (kv_cache_fraction of free GPU memory; 1 GiB on CPU)
     kv_cache_fraction: float = 0.3  # share of free GPU memory for the KV cache when kv_cache_gb is 0
-    prefix_caching: bool = True  # share KV blocks between sequences with the same prefix
+    # share KV blocks between sequences with the same prefix; the n samples of a prompt compute it once
+    prefix_caching: bool = True
     cuda_graphs: bool = True  # on a GPU, decode steps replay CUDA graphs captured per batch-size bucket
     # "triton": decode attention by the paged kernel (blocks read in place) and fused sampling; "torch":
     # blocks gathered, then matmuls, and sampler.sample; "auto": triton on a GPU, torch on CPU (where
