@@ -45,8 +45,8 @@ class EngineConfig:
     # Triton only runs in its slow interpreter)
     kernels: str = "auto"
     # torch.compile the eager decode step (the kernels='torch' path without CUDA graphs: CPU, or a GPU with
-    # both off): on CPU about 2x faster steps at batch 1 on the tiny model, after 15-30 s of compilation in
-    # each process; pays off only for long generation
+    # both off): on CPU 2-4x faster steps on the tiny model, after about 30 s of compilation (about 5 s in
+    # a later process that finds inductor's disk cache); pays off only for long generation
     compile: bool = False
 
     def __post_init__(self):
