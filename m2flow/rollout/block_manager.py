@@ -2,11 +2,11 @@
 
 A full block is identified by the hash of its tokens chained with the hash of the block before it, so
 two sequences that start with the same tokens (requests sharing a system prompt, or a GRPO group's
-prompt across calls) point at the same physical blocks. Sequences with identical tokens prefilled in
-the same step (the n samples of a prompt) are forks of one of them: its blocks are shared whole, and its
-partial last block copied, so the prompt is computed once. A sequence's last token is always computed, never
-taken from the cache, so every sequence has at least one query to produce its next-token logits.
-Freed blocks keep their hash until reused, so a later request can still hit them.
+prompt across calls) point at the same physical blocks. The block of a sequence's last token is never
+taken from the cache, so a sequence has at least one query to produce its next-token logits. The
+exception are forks: sequences with the same tokens as one prefilled in the same step (the n samples of
+a prompt) share all its full blocks and get a copy of its partial last block and its logits, so the
+prompt is computed once. Freed blocks keep their hash until reused, so a later request can still hit them.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 Waiting sequences are prefilled first (as many as the token and sequence budgets and free blocks
 allow; a sequence with the same tokens as one already in the step, such as another sample of the same
-prompt, forks it and costs no tokens); otherwise every running sequence decodes one token. When a decode step has no free block for a
-sequence, the newest running sequence is preempted: its blocks are freed and it goes back to the front of
-the waiting queue, to be recomputed (prompt and tokens generated so far) when blocks are free again.
+prompt, forks it and costs no tokens); otherwise every running sequence decodes one token. When a decode
+step has no free block for a sequence, the newest running sequence is preempted: its blocks are freed and
+it goes back to the front of the waiting queue, to be recomputed (prompt and tokens generated so far) when
+blocks are free again.
 """
 
 from __future__ import annotations
