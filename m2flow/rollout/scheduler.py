@@ -22,7 +22,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}  # by id, oldest first (removal without a scan)
         self.num_preemptions = 0
 
     def check_fits(self, seq: Sequence, max_len: int) -> None:
@@ -38,7 +38,7 @@ class Scheduler:
     def abort_all(self) -> None:
         """Drops every queued and running sequence and frees its blocks (after an interrupted step). Cached
         prefixes are forgotten too: an interrupted prefill may have registered blocks it never wrote."""
-        for seq in list(self.running):
+        for seq in self.running.values():
             self.blocks.free(seq)
         self.running.clear()
         self.waiting.clear()
@@ -69,14 +69,14 @@ class Scheduler:
             seq.status = Status.RUNNING
             scheduled.append(self.waiting.popleft())
         if scheduled:
-            self.running.extend(scheduled)
+            self.running.update((s.id, s) for s in scheduled)
             return scheduled, True
 
-        for seq in list(self.running):
+        for seq in list(self.running.values()):
             if seq.status is not Status.RUNNING:
                 continue  # preempted below while making room for an older sequence
             while not self.blocks.can_append(seq):
-                victim = self.running[-1]
+                victim = next(reversed(self.running.values()))
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -86,7 +86,7 @@ class Scheduler:
         return scheduled, False
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        del self.running[seq.id]
         self.blocks.free(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -95,4 +95,4 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self.blocks.free(seq)
-        self.running.remove(seq)
+        del self.running[seq.id]
