@@ -183,12 +183,15 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         times: dict[str, float] = {}
         with timer(times, "step"):
 
+            engine_stats = []  # of each round's generate call
+
             def generate_round(r: int) -> Round:
                 """Round r of this step: fresh prompts, sampled, scored and shaped; group ids offset by r * P."""
                 ids = sampler.next(cfg.train.prompts_per_step)
                 params = dataclasses.replace(sampling, seed=round_seed(cfg.seed, step, r))
                 with timer(times, "rollout"):
                     samples = ray.get(rollout.generate.remote([prompt(task.train[i]) for i in ids], params))
+                    engine_stats.append(ray.get(rollout.stats.remote()))
                     batch = RolloutBatch.from_samples(samples, tokenizer.pad_token_id)
                 with timer(times, "reward"):
                     truths = [task.train[ids[s.prompt_index]].answer for s in samples]
@@ -217,6 +220,8 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
 
         samples = [s for r in rounds for s in r.samples]
         metrics = {**_batch_metrics(rounds, train_batch, cfg), **filter_metrics, **train_metrics, **times}
+        if engine_stats[0] is not None:  # m2flow's engine: prefix sharing, preemptions, decode batch size
+            metrics |= sum(engine_stats[1:], engine_stats[0]).metrics()
         totals["samples"] += len(samples)
         totals["tokens"] += int(sum(r.lengths.sum() for r in rounds))
         totals["seconds"] += times["time/step"]

@@ -4,8 +4,8 @@
 transformers `generate` and is the reference the engine is tested against.
 """
 
-from m2flow.rollout.types import Sample, SamplingParams
+from m2flow.rollout.types import GenerateStats, Sample, SamplingParams
 from m2flow.rollout.engine import Engine, EngineConfig
 from m2flow.rollout.hf_engine import HFEngine
 
-__all__ = ["Sample", "SamplingParams", "Engine", "EngineConfig", "HFEngine"]
+__all__ = ["Sample", "SamplingParams", "GenerateStats", "Engine", "EngineConfig", "HFEngine"]

@@ -23,7 +23,7 @@ from m2flow.rollout.model import PACKED, CausalLM, ModelArgs, shard_sizes
 from m2flow.rollout.model_runner import ModelRunner, kv_bytes_per_token
 from m2flow.rollout.scheduler import Scheduler
 from m2flow.rollout.sequence import SeqParams, Sequence, Status
-from m2flow.rollout.types import Sample, SamplingParams
+from m2flow.rollout.types import GenerateStats, Sample, SamplingParams
 
 GiB = 1 << 30
 KERNELS = ("auto", "triton", "torch")
@@ -167,6 +167,7 @@ class Engine:
         self.policy_version = 0
         self.sleeping = False
         self._next_id = 0
+        self.stats = GenerateStats()  # of the last generate call
 
     @classmethod
     def from_pretrained(cls, path: str, config: EngineConfig | None = None, dtype: str = "float32",
@@ -259,18 +260,29 @@ class Engine:
             self.scheduler.check_fits(seq, min(len(seq) + params.max_new_tokens, self.max_model_len))
         for seq in seqs:
             self.scheduler.add(seq)
+        self.stats = GenerateStats(prompt_tokens=sum(len(s) for s in seqs))
+        preemptions = self.scheduler.num_preemptions
         try:
             while not self.scheduler.is_finished():
                 self.step()
         except BaseException:
             self.scheduler.abort_all()  # e.g. KeyboardInterrupt: the next call starts clean
             raise
+        self.stats.preemptions = self.scheduler.num_preemptions - preemptions
         return [self._to_sample(s) for s in seqs]
 
     def step(self) -> None:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             raise RuntimeError("the scheduler made no progress: the KV cache is too small for one sequence")
+        if is_prefill:
+            computed = [s for s in seqs if s.fork_of is None]
+            self.stats.prefill_steps += 1
+            self.stats.prefill_tokens += sum(len(s) - s.num_computed_tokens for s in computed)
+            self.stats.forks += len(seqs) - len(computed)
+        else:
+            self.stats.decode_steps += 1
+            self.stats.decode_rows += len(seqs)
         tokens, logprobs = self.runner.run(seqs, is_prefill)
         for seq, token, logprob in zip(seqs, tokens, logprobs):
             self.block_manager.on_block_filled(seq)  # the KV of all its tokens so far is now written

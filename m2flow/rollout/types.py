@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 
 @dataclass
@@ -35,3 +35,29 @@ class Sample:
     finish_reason: str
     text: str = ""  # decoded response (special tokens dropped)
     policy_version: int = 0  # weight version that generated it
+
+
+@dataclass
+class GenerateStats:
+    """What m2flow's engine did in one `generate` call (calls add up with +); the RL runner logs
+    `metrics()` each step."""
+
+    prompt_tokens: int = 0  # of all sequences (each of a prompt's n samples counts it)
+    prefill_tokens: int = 0  # tokens the model computed in prefill steps (preempted sequences count again)
+    forks: int = 0  # sequences that copied the prompt's KV of another sample instead of computing it
+    preemptions: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # sequences decoded, summed over the decode steps
+
+    def __add__(self, other: "GenerateStats") -> "GenerateStats":
+        return GenerateStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            # below 1: prefixes shared (the n samples of a prompt compute it once); above 1: recomputation
+            "rollout/prefill_compute_frac": self.prefill_tokens / max(self.prompt_tokens, 1),
+            "rollout/preemptions": float(self.preemptions),  # > 0: the KV cache is too small for the batch
+            "rollout/decode_steps": float(self.decode_steps),
+            "rollout/decode_batch_mean": self.decode_rows / max(self.decode_steps, 1),
+        }

@@ -6,7 +6,7 @@ import torch
 
 from m2flow.batch import RolloutBatch
 from m2flow.config import Config
-from m2flow.rollout import Engine, EngineConfig, HFEngine, Sample, SamplingParams
+from m2flow.rollout import Engine, EngineConfig, GenerateStats, HFEngine, Sample, SamplingParams
 from m2flow.training.actor import Actor
 from m2flow.training.critic import Critic, load_value_model
 from m2flow.training.checkpoint import load_hf_model, save_hf_checkpoint
@@ -44,6 +44,10 @@ class RolloutWorker:
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], policy_version: int) -> None:
         self.engine.load_weights(state_dict, policy_version)
+
+    def stats(self) -> GenerateStats | None:
+        """What m2flow's engine did in the last generate call (None with the transformers backend)."""
+        return getattr(self.engine, "stats", None)
 
 
 class ActorWorker:

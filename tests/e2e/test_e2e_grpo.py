@@ -57,6 +57,9 @@ def test_run_writes_config_metrics_summary(summary):
             assert torch.isfinite(torch.tensor(r[key])), (key, r[key])
         # the engine and the trainer see the same weights, so their logprobs agree
         assert r["rollout/logprob_abs_diff"] < 1e-4
+        # the engine's account: 4 samples per prompt compute it about once; the KV cache is big enough
+        assert 0.2 <= r["rollout/prefill_compute_frac"] <= 0.5 and r["rollout/preemptions"] == 0
+        assert 1 <= r["rollout/decode_batch_mean"] <= 16 and 1 <= r["rollout/decode_steps"] <= 15
     assert any(0 < r["batch/informative_frac"] for r in steps)
     assert 0.0 <= summary["held_out_accuracy_before"] <= 1.0
     assert summary["held_out_problems"] == 16

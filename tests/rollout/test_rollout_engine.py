@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from m2flow.batch import RolloutBatch
-from m2flow.rollout import HFEngine, SamplingParams
+from m2flow.rollout import GenerateStats, HFEngine, SamplingParams
 from m2flow.rollout.engine import Engine, EngineConfig
 from m2flow.training.checkpoint import save_hf_checkpoint
 from m2flow.training.forward import response_logits, token_logprobs
@@ -115,7 +115,7 @@ def test_results_do_not_depend_on_batching_prefix_sharing_or_preemption(model_di
     tiny = make_engine(model_dir, block_size=4, kv_cache_gb=40 * 4 * 256 / 2**30)  # 256 B of KV per token
     assert tiny.num_blocks == 40
     out = tiny.generate(prompts[:10], params)
-    assert tiny.scheduler.num_preemptions > 0
+    assert tiny.stats.preemptions == tiny.scheduler.num_preemptions > 0
     assert _tokens(out) == _tokens(reference)
     for a, b in zip(out, reference):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
@@ -191,9 +191,13 @@ def test_n_samples_compute_their_prompt_once(model_dir, prompts, tokenizer):
         return out
 
     engine.runner.run = run
-    out = engine.generate(prompts[:3], SamplingParams(n=5, temperature=1.0, max_new_tokens=4, seed=0))
+    out = engine.generate(prompts[:3], SamplingParams(n=5, temperature=1.0, max_new_tokens=4, seed=0, ignore_eos=True))
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[:3]]
     assert computed[1:] == computed[:1]  # as for one sample each (the prompts share a prefix: fewer than their tokens)
-    assert computed[0] > 0.5 * sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[:3])
+    assert computed[0] > 0.5 * sum(lengths)
+    # the engine's own account of the call (the RL runner logs it)
+    assert engine.stats == GenerateStats(prompt_tokens=5 * sum(lengths), prefill_tokens=computed[1], forks=12,
+                                         preemptions=0, prefill_steps=1, decode_steps=3, decode_rows=15 * 3)
     assert len({tuple(s.token_ids) for s in out[:5]}) > 1  # the samples still differ
     by_prompt = [list(kv_of_last_block.values())[5 * i : 5 * i + 5] for i in range(3)]
     for group in by_prompt:
@@ -319,3 +323,19 @@ def test_bfloat16_engine_runs_and_tracks_the_bf16_trainer(model_dir, hf_model, t
     trainer, rollout = _trainer_logprobs(copy.deepcopy(hf_model).to(torch.bfloat16), samples, tokenizer, 1.0)
     assert torch.isfinite(rollout).all() and rollout.numel() > 50
     assert (trainer - rollout).abs().mean() < 0.05  # measured 0.017
+
+
+@pytest.mark.parametrize("backend", ["m2flow", "hf"])
+def test_rollout_worker_reports_the_engine_stats(model_dir, prompts, backend):
+    """The RL runner's rollout worker hands the engine's GenerateStats over (None with transformers)."""
+    from m2flow.config import load_config
+    from m2flow.scheduler.workers import RolloutWorker
+
+    worker = RolloutWorker(model_dir, load_config(None, [f"rollout.backend={backend}"]))
+    samples = worker.generate(prompts[:2], SamplingParams(n=3, max_new_tokens=4, seed=0))
+    assert len(samples) == 6
+    stats = worker.stats()
+    if backend == "hf":
+        assert stats is None
+    else:
+        assert stats.forks == 4 and stats.prompt_tokens == 3 * sum(len(s.prompt_ids) for s in samples[::3])
