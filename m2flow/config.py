@@ -248,6 +248,61 @@ def validate(cfg: Config) -> None:
                               ("rollout.backend", r.backend, ROLLOUT_BACKENDS)]:
         check(value in valid, f"{key} must be one of {', '.join(valid)}; got {value!r}")
     _validate_algorithm(cfg, check)
+    _validate_ranges(cfg, check)
+    _validate_paths(cfg, check)
+
+
+def _validate_ranges(cfg: Config, check) -> None:
+    """Values outside their meaningful range (issue 12): each error names the key and the valid range."""
+    import math
+
+    check(bool(cfg.name) and not any(bad in cfg.name for bad in ("/", "\\", "..", "\0")),
+          f"name must be a plain name (no '/', '\\' or '..': the run directory must stay inside output_dir), "
+          f"got {cfg.name!r}")
+    t, r, rw, b, d = cfg.train, cfg.rollout, cfg.reward, cfg.base, cfg.data
+    finite_positive = {"train.lr": t.lr, "reward.timeout_s": rw.timeout_s, "base.sft_lr": b.sft_lr}
+    for key, value in finite_positive.items():
+        check(math.isfinite(value) and value > 0, f"{key} must be a finite number > 0, got {value}")
+    check(math.isfinite(cfg.critic.lr), f"critic.lr must be a finite number, got {cfg.critic.lr}")
+    check(math.isfinite(r.temperature), f"rollout.temperature must be a finite number >= 0, got {r.temperature}")
+    check(t.grad_clip > 0, f"train.grad_clip must be > 0, got {t.grad_clip}")
+    check(rw.format_penalty >= 0, f"reward.format_penalty must be >= 0 (no answer scores -format_penalty), "
+                                  f"got {rw.format_penalty}")
+    non_negative = {"rollout.top_k": r.top_k, "train.warmup_steps": t.warmup_steps,
+                    "train.weight_decay": t.weight_decay, "critic.weight_decay": cfg.critic.weight_decay,
+                    "algorithm.entropy_coef": cfg.algorithm.entropy_coef, "eval.every": cfg.eval.every,
+                    "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+                    "base.sft_steps": b.sft_steps, "base.sft_examples": b.sft_examples}
+    for key, value in non_negative.items():
+        check(value >= 0, f"{key} must be >= 0, got {value}")
+    positive = {"rollout.n": r.n, "eval.num_problems": cfg.eval.num_problems,
+                "data.synthetic_train_size": d.synthetic_train_size, "data.synthetic_eval_size": d.synthetic_eval_size,
+                "data.synthetic_max_operand": d.synthetic_max_operand, "base.hidden_size": b.hidden_size,
+                "base.num_layers": b.num_layers, "base.num_heads": b.num_heads, "base.num_kv_heads": b.num_kv_heads,
+                "base.intermediate_size": b.intermediate_size, "base.sft_batch_size": b.sft_batch_size}
+    for key, value in positive.items():
+        check(value >= 1, f"{key} must be >= 1, got {value}" + (
+            " (held-out accuracy is measured before and after RL)" if key == "eval.num_problems" else ""))
+    check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1,
+          f"cluster.num_cpus must be >= 1 or null (all of this machine's), got {cfg.cluster.num_cpus}")
+
+
+def _validate_paths(cfg: Config, check) -> None:
+    """Files named by the config exist (checked before a run directory is made or anything starts)."""
+    from m2flow.data.datasets import SUFFIXES
+
+    path = cfg.model.path
+    if path:
+        check(os.path.isfile(os.path.join(path, "config.json")),
+              f"model.path must be an HF model directory with a config.json; {path!r} "
+              f"{'has none' if os.path.isdir(path) else 'does not exist'} (empty = build the tiny base model)")
+        check(any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")),
+              f"model.path {path!r} has no tokenizer (tokenizer.json or tokenizer_config.json); save the "
+              f"tokenizer with the model (tokenizer.save_pretrained)")
+    for key, value in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
+        if value:
+            check(value.endswith(SUFFIXES), f"{key} must be a {' or '.join(SUFFIXES)} file, got {value!r}")
+            check(os.path.isfile(value), f"{key}: file not found: {value!r} (empty = synthetic problems)")
 
 
 def _validate_algorithm(cfg: Config, check) -> None:

@@ -45,6 +45,8 @@ def test_load_task_from_user_files(tmp_path):
 
     (tmp_path / "train.jsonl").write_text('{"problem": "1+1?", "solution": 2}\n{"problem": "2+2?", "solution": "4"}\n')
     (tmp_path / "test.jsonl").write_text('{"problem": "3+3?", "solution": 6}\n')
+    (tmp_path / "config.json").write_text("{}")  # model.path must look like an HF model directory
+    (tmp_path / "tokenizer_config.json").write_text("{}")
     keys = ["data.prompt_key=problem", "data.answer_key=solution", f"data.train_path={tmp_path / 'train.jsonl'}",
             f"data.eval_path={tmp_path / 'test.jsonl'}", f"model.path={tmp_path}"]
     task = load_task(load_config(None, keys))
