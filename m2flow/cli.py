@@ -80,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"m2flow: config error: {e}", file=sys.stderr)
         return 2
 
+    from m2flow.data.datasets import DataError
     from m2flow.report import print_summary
     from m2flow.runner import run
 
-    summary = run(cfg, progress=not args.no_progress)
+    try:
+        summary = run(cfg, progress=not args.no_progress)
+    except DataError as e:  # a missing, empty or malformed data file, found before anything starts
+        print(f"m2flow: data error: {e}", file=sys.stderr)
+        return 2
     print_summary(summary)
     return 0
 

@@ -60,6 +60,7 @@ class DataConfig:
     synthetic_eval_size: int = 500  # synthetic held-out problems, disjoint from every training split
     synthetic_seed: int = 7  # seed of the synthetic problem generator
     synthetic_max_operand: int = 30  # synthetic problems draw +/- operands from 1..this
+    bad_rows: str = "error"  # rows with no/empty question or answer or invalid JSON, and prompts whose tokens + max_new_tokens exceed the model's max_position_embeddings: error (stop at start-up naming file:line) | skip (drop them; counted in summary.json and metrics as data/*_skipped)
 
 
 @dataclass
@@ -177,6 +178,7 @@ class Config:
 DTYPES = ("float32", "bfloat16")  # supported model.dtype values
 PLACEMENTS = ("collocated",)  # implemented cluster.placement modes
 TEMPLATES = ("chat", "plain")  # prompt templates (m2flow.data.templates)
+BAD_ROWS = ("error", "skip")  # what data.bad_rows does with a malformed or too long row
 ROLLOUT_BACKENDS = ("m2flow", "hf")  # implemented rollout engines
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # estimators that need several samples per prompt
 CRITIC_ESTIMATORS = ("gae",)  # advantage estimators computed from a critic's values (not registry entries)
@@ -234,7 +236,8 @@ def validate(cfg: Config) -> None:
         check(value >= 0, f"algorithm.{name} must be >= 0, got {value}")
     for key, value, valid in [("model.dtype", cfg.model.dtype, DTYPES),
                               ("cluster.placement", cfg.cluster.placement, PLACEMENTS),
-                              ("data.template", cfg.data.template, TEMPLATES)]:
+                              ("data.template", cfg.data.template, TEMPLATES),
+                              ("data.bad_rows", cfg.data.bad_rows, BAD_ROWS)]:
         check(value in valid, f"{key} must be one of {', '.join(valid)}; got {value!r}")
     from m2flow.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
     from m2flow.rewards import REWARDS
