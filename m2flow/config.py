@@ -109,7 +109,8 @@ class AlgorithmConfig:
 class RewardConfig:
     name: str = "math"  # reward function (registry name)
     format_penalty: float = 0.0  # reward for a response with no extractable answer is -format_penalty
-    timeout_s: float = 2.0  # per-response verification time limit
+    timeout_s: float = 2.0  # per-response scoring time limit (extraction and verification; hard: a stuck scorer process is killed); a response past it scores -format_penalty and counts in reward/timeouts
+    workers: int = 2  # processes that score responses (training and evaluation) under the time limit
     overlong_buffer: int = 0  # DAPO soft overlong punishment: penalty ramps up over the last this many tokens before rollout.max_new_tokens; 0 = off
     overlong_penalty: float = 1.0  # soft overlong punishment at (and beyond) rollout.max_new_tokens
     scale: float = 1.0  # multiply rewards (after the overlong punishment) by this
@@ -278,7 +279,7 @@ def _validate_ranges(cfg: Config, check) -> None:
                     "base.sft_steps": b.sft_steps, "base.sft_examples": b.sft_examples}
     for key, value in non_negative.items():
         check(value >= 0, f"{key} must be >= 0, got {value}")
-    positive = {"rollout.n": r.n, "eval.num_problems": cfg.eval.num_problems,
+    positive = {"rollout.n": r.n, "eval.num_problems": cfg.eval.num_problems, "reward.workers": rw.workers,
                 "data.synthetic_train_size": d.synthetic_train_size, "data.synthetic_eval_size": d.synthetic_eval_size,
                 "data.synthetic_max_operand": d.synthetic_max_operand, "base.hidden_size": b.hidden_size,
                 "base.num_layers": b.num_layers, "base.num_heads": b.num_heads, "base.num_kv_heads": b.num_kv_heads,

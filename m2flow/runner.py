@@ -50,6 +50,8 @@ from m2flow.eval import EvalResult, evaluate
 from m2flow.io import atomic_write_text
 from m2flow.metrics import MetricsLogger, plot_metrics
 from m2flow.rewards import get_reward
+from m2flow.rewards.limits import RewardPool, RewardScorer
+from m2flow.rewards.math import timeout_score
 from m2flow.rollout import SamplingParams
 from m2flow.scheduler.cluster import launch, start_ray
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker
@@ -202,15 +204,17 @@ def run(cfg: Config, progress: bool = True) -> dict:
     # critic, collocated.
     started_ray = not ray.is_initialized()
     resources = start_ray(cfg.cluster)
+    pool = RewardPool(cfg.reward.workers)  # reward scoring with a hard per-response time limit
     try:
-        return _train(cfg, run_dir, model_path, base_info, task, resources, progress, t_start)
+        return _train(cfg, run_dir, model_path, base_info, task, resources, progress, t_start, pool)
     finally:  # a crashed worker surfaces as its exception here; the last checkpoint was written atomically
+        pool.close()
         if started_ray:
             ray.shutdown()
 
 
 def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Task, resources: dict,
-           progress: bool, t_start: float) -> dict:
+           progress: bool, t_start: float, pool: RewardPool | None = None) -> dict:
     threads = int(cfg.cluster.num_cpus or resources.get("CPU", 1))
     rollout = launch(RolloutWorker, model_path, cfg, name=f"rollout-{os.getpid()}", threads=threads)
     actor = launch(ActorWorker, model_path, cfg, name=f"actor-{os.getpid()}", threads=threads)
@@ -221,9 +225,8 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    reward_fn = get_reward(cfg.reward.name)
-    score = lambda text, truth: reward_fn(  # noqa: E731
-        text, truth, format_penalty=cfg.reward.format_penalty, timeout_s=cfg.reward.timeout_s)
+    scorer = RewardScorer(get_reward(cfg.reward.name), cfg.reward.timeout_s, timeout_score(cfg.reward.format_penalty),
+                          {"format_penalty": cfg.reward.format_penalty}, pool)
     prompt = lambda p: format_prompt(p.question, tokenizer, cfg.data.template)  # noqa: E731
     held_out = task.held_out[: cfg.eval.num_problems]
     held_out_prompts = [prompt(p) for p in held_out]
@@ -233,7 +236,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
 
     def held_out_eval() -> EvalResult:
         generate = lambda ps, sp: ray.get(rollout.generate.remote(ps, sp))  # noqa: E731
-        return evaluate(generate, held_out, held_out_prompts, greedy, reward_fn)
+        return evaluate(generate, held_out, held_out_prompts, greedy, score_batch=lambda rs, ts: scorer(rs, ts)[0])
 
     def eval_metrics(result: EvalResult) -> dict[str, float]:
         return {"eval/accuracy": result.accuracy, "eval/worked_share": result.worked_share,
@@ -263,8 +266,9 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                     batch = RolloutBatch.from_samples(samples, tokenizer.pad_token_id)
                 with timer(times, "reward"):
                     truths = [task.train[ids[s.prompt_index]].answer for s in samples]
-                    raw = torch.tensor([score(s.text, t) for s, t in zip(samples, truths)])
-                    return prepare_round(batch, samples, raw, cfg, group_offset=r * cfg.train.prompts_per_step)
+                    scores, timeouts = scorer([s.text for s in samples], truths)
+                    return prepare_round(batch, samples, torch.tensor(scores), cfg,
+                                         group_offset=r * cfg.train.prompts_per_step, timeouts=timeouts)
 
             rounds, train_batch, filter_metrics = collect_batch(generate_round, cfg, tokenizer.pad_token_id)
             train_metrics = {}
@@ -351,6 +355,7 @@ class Round:
     raw_scores: torch.Tensor  # [B] the reward function's scores before shaping
     lengths: torch.Tensor  # [B] response tokens, before overlong filtering
     overlong_penalty: torch.Tensor | None  # [B] soft overlong punishment added to the scores (None: off)
+    timeouts: int = 0  # responses whose scoring ran past reward.timeout_s (scored -reward.format_penalty)
 
 
 def round_seed(seed: int, step: int, r: int) -> int:
@@ -372,7 +377,8 @@ def shape_rewards(scores: torch.Tensor, lengths: torch.Tensor, cfg: Config) -> t
     return scores, penalty
 
 
-def prepare_round(batch: RolloutBatch, samples, raw_scores: torch.Tensor, cfg: Config, group_offset: int = 0) -> Round:
+def prepare_round(batch: RolloutBatch, samples, raw_scores: torch.Tensor, cfg: Config, group_offset: int = 0,
+                  timeouts: int = 0) -> Round:
     """A freshly generated and scored batch, ready for the group filter: scores shaped, truncated responses
     masked out of the loss (algorithm.overlong_filter), group ids offset so rounds of one step never share one."""
     lengths = batch.response_mask.sum(1)
@@ -380,7 +386,7 @@ def prepare_round(batch: RolloutBatch, samples, raw_scores: torch.Tensor, cfg: C
     batch.scores, penalty = shape_rewards(raw_scores, lengths, cfg)
     if cfg.algorithm.overlong_filter:
         batch.response_mask = overlong_mask([s.finish_reason for s in samples], batch.response_mask)
-    return Round(batch, samples, raw_scores, lengths, penalty)
+    return Round(batch, samples, raw_scores, lengths, penalty, timeouts)
 
 
 def informative_rows(batch: RolloutBatch) -> torch.Tensor:
@@ -467,6 +473,7 @@ def _batch_metrics(rounds: list[Round], train_batch: RolloutBatch, cfg: Config) 
         "response/length_mean": float(lengths.mean()),
         "response/length_max": float(lengths.max()),
         "response/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "reward/timeouts": float(sum(r.timeouts for r in rounds)),
     }
     if cfg.reward.overlong_buffer > 0 or cfg.reward.scale != 1.0 or cfg.reward.clip is not None:
         out["reward/shaped_mean"] = float(torch.cat([r.batch.scores for r in rounds]).mean())

@@ -29,10 +29,16 @@ def evaluate(
     params: SamplingParams,
     reward_fn: Callable[[str, str], float] = math_reward,
     num_examples: int = 4,
+    score_batch: Callable[[list[str], list[str]], list[float]] | None = None,
 ) -> EvalResult:
-    """`generate(prompts, params)` returns params.n samples per prompt, prompt-major."""
+    """`generate(prompts, params)` returns params.n samples per prompt, prompt-major. `score_batch(responses,
+    truths)`, when given, scores them instead of `reward_fn` one by one (the runner passes its training scorer,
+    so evaluation has the same reward options and time limit)."""
     samples = generate(prompts, params)
-    correct = [reward_fn(s.text, problems[s.prompt_index].answer) >= 1.0 for s in samples]
+    truths = [problems[s.prompt_index].answer for s in samples]
+    if score_batch is None:
+        score_batch = lambda rs, ts: [reward_fn(r, t) for r, t in zip(rs, ts)]  # noqa: E731
+    correct = [score >= 1.0 for score in score_batch([s.text for s in samples], truths)]
     per_problem: dict[int, list[bool]] = defaultdict(list)
     for s, ok in zip(samples, correct):
         per_problem[s.prompt_index].append(ok)

@@ -11,19 +11,25 @@ The reward for a response is decided in two steps:
 
 from __future__ import annotations
 
-import math
+import logging
 import re
-import threading
 from typing import Callable
 
 from math_verify import parse, verify
 from math_verify.errors import TimeoutException
 
+from m2flow.rewards.limits import call_with_limit
+
+# math-verify warns on every call made without its own (signal-based) timeouts; ours covers them (see math_reward)
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
 # `\boxed{` / `\fbox{` openers, escaped braces (literal, not grouping), and plain braces.
 _BRACE_TOKENS = re.compile(r"\\(?:boxed|fbox)\s*\{|\\[{}]|[{}]")
-# "the answer is X" / "answer: X": X runs to the end of the sentence (". ") or line.
-_ANSWER_PHRASE = re.compile(r"\banswer(?:\s+is\b\s*:?|\s*:)[ \t]*(.+?)(?:\.\s|\.?[ \t]*$)",
-                            re.IGNORECASE | re.MULTILINE)
+# "the answer is X" / "answer: X": the phrase; X runs to the end of the sentence (". ") or line (see
+# _answer_phrases: one regex with a lazy X and an end-of-line alternative backtracked quadratically over long
+# runs of spaces, 42 s on "the answer is 1" + 80k spaces + "x").
+_ANSWER_PREFIX = re.compile(r"\banswer(?:\s+is\b\s*:?|\s*:)[ \t]*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\.\s")
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _PLAIN_INT = re.compile(r"-?\d+")
 
@@ -51,6 +57,31 @@ def _last_boxed(text: str) -> str | None:
     return None if best is None else best[1]
 
 
+def _answer_phrases(text: str) -> list[str]:
+    """Every "answer is X" / "answer: X" in order, in one linear pass. X (one character at least) ends before
+    the first ". " of its line or at the line's end, trailing spaces/tabs and one period dropped; a phrase
+    with nothing after it on its line gives ""."""
+    phrases, pos = [], 0
+    while m := _ANSWER_PREFIX.search(text, pos):
+        start = m.end()
+        line_end = text.find("\n", start)
+        line_end = len(text) if line_end < 0 else line_end
+        if start == line_end:
+            phrases.append("")
+            pos = max(start, m.start() + 1)
+            continue
+        stop = len(text[start:line_end].rstrip(" \t"))  # relative end of X before trailing blanks
+        stop = max(stop - (stop > 1 and text[start + stop - 1] == "."), 1)
+        end = start + stop
+        dot = _SENTENCE_END.search(text, start + 1, min(line_end + 1, len(text)))
+        if dot and dot.start() <= end:
+            end, pos = dot.start(), dot.end()
+        else:
+            pos = line_end
+        phrases.append(text[start:end])
+    return phrases
+
+
 def _clean(answer: str) -> str:
     """Strip whitespace, markdown bold, surrounding ``$`` and a trailing period."""
     answer = answer.strip().strip("*").strip()
@@ -74,7 +105,7 @@ def extract_answer(text: str, *, last_number_fallback: bool = False) -> str | No
     if boxed is not None:
         boxed = boxed.strip()
         return boxed or None
-    phrases = _ANSWER_PHRASE.findall(text)
+    phrases = _answer_phrases(text)
     if phrases:
         answer = _clean(phrases[-1])
         if answer:
@@ -102,22 +133,14 @@ def _for_parse(s: str) -> str:
     return s if re.search(r"\\(?:boxed|fbox)\b", s) else f"\\boxed{{{s}}}"
 
 
-def _is_equivalent(answer: str, ground_truth: str, timeout_s: float | None) -> bool:
-    """math-verify equivalence, with its signal-based timeouts only where signals work.
-
-    math-verify enforces timeouts with ``signal.alarm`` (whole seconds), which raises ``ValueError``
-    outside the main thread. In the main thread we pass ``ceil(timeout_s)`` (at least 1 s) as both
-    ``parsing_timeout`` (per parse) and ``timeout_seconds`` (per comparison). In any other thread we
-    pass ``None`` for both: there is then NO time limit, so run untrusted verification in the main
-    thread of a worker process (process pool, Ray task/actor) when a hard limit matters.
-    """
-    in_main = threading.current_thread() is threading.main_thread()
-    limit = max(1, math.ceil(timeout_s)) if (in_main and timeout_s and timeout_s > 0) else None
-    gold = parse(_for_parse(ground_truth), parsing_timeout=limit)
-    pred = parse(_for_parse(answer), parsing_timeout=limit)
+def _is_equivalent(answer: str, ground_truth: str) -> bool:
+    """math-verify equivalence, without its own (signal-based, whole-second) timeouts: the caller's limit
+    (`call_with_limit`) covers extraction and verification together."""
+    gold = parse(_for_parse(ground_truth), parsing_timeout=None)
+    pred = parse(_for_parse(answer), parsing_timeout=None)
     if not gold or not pred:
         return False
-    return bool(verify(gold, pred, timeout_seconds=limit))
+    return bool(verify(gold, pred, timeout_seconds=None))
 
 
 def math_reward(response: str, ground_truth: str, *, format_penalty: float = 0.0,
@@ -125,10 +148,24 @@ def math_reward(response: str, ground_truth: str, *, format_penalty: float = 0.0
     """Score a response against a ground-truth answer.
 
     Returns 1.0 if the extracted answer equals ``ground_truth`` mathematically, 0.0 if it does not
-    (or verification errors or times out), and ``-format_penalty`` if no answer can be extracted.
-    Fast path: when both are plain integers (e.g. ``"42"``, ``"- 5"``, ``"+7"``) they are compared
-    directly without math-verify (~2 us vs ~400 us per call here) for integer-answer tasks.
+    (or verification errors), and ``-format_penalty`` if no answer can be extracted or scoring (extraction
+    included) runs past ``timeout_s``: a pathological response never pays more than no answer. The limit
+    holds in every calling context (`m2flow.rewards.limits.call_with_limit`: SIGALRM in a main thread, a
+    killable worker process in other threads). Fast path: when both are plain integers (e.g. ``"42"``,
+    ``"- 5"``, ``"+7"``) they are compared directly without math-verify (~2 us vs ~400 us per call here).
     """
+    score = call_with_limit(math_reward_unlimited, response, ground_truth, timeout_s=timeout_s,
+                            format_penalty=format_penalty)
+    return timeout_score(format_penalty) if score is None else score
+
+
+def timeout_score(format_penalty: float) -> float:
+    """What a response whose scoring timed out gets: the same as no answer."""
+    return -float(format_penalty) or 0.0
+
+
+def math_reward_unlimited(response: str, ground_truth: str, *, format_penalty: float = 0.0, **_options) -> float:
+    """`math_reward` without a time limit: for callers that enforce one (RewardPool workers)."""
     answer = extract_answer(response)
     if answer is None:
         return -format_penalty
@@ -136,7 +173,7 @@ def math_reward(response: str, ground_truth: str, *, format_penalty: float = 0.0
     if a is not None and g is not None:
         return float(a == g)
     try:
-        return float(_is_equivalent(answer, ground_truth, timeout_s))
+        return float(_is_equivalent(answer, ground_truth))
     except (Exception, TimeoutException):
         return 0.0
 
