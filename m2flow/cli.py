@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text.split("\n")[0], description=help_text)
         if name == "train":
             p.add_argument("--config", help="YAML experiment file (e.g. configs/tiny_math_grpo.yaml)")
+        else:
+            p.add_argument("--seeds", default="",
+                           help="comma-separated seeds, e.g. 0,1,2,3,4: run the experiment once per seed (each builds "
+                                "its own base model) and report the gain's mean, std and min, a per-seed table and "
+                                "one plot of every seed's accuracy curve (<output_dir>/seeds-<time>/)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=20")
         p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     bench = sub.add_parser("bench", help="benchmarks against baselines measured in the same run",
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args)
     from m2flow.config import ConfigError, load_config
 
+    if getattr(args, "seeds", ""):
+        return _demo_seeds(args)
     try:
         cfg = load_config(getattr(args, "config", None), args.overrides)
     except ConfigError as e:
@@ -90,6 +97,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"m2flow: data error: {e}", file=sys.stderr)
         return 2
     print_summary(summary)
+    return 0
+
+
+def _demo_seeds(args) -> int:
+    from m2flow.bench.learning import run_seeds
+    from m2flow.config import ConfigError
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        print(f"m2flow: --seeds takes comma-separated integers, e.g. 0,1,2; got {args.seeds!r}", file=sys.stderr)
+        return 2
+    if "seed" in {o.partition("=")[0].strip() for o in args.overrides}:
+        print("m2flow: give seeds with --seeds, not seed=...", file=sys.stderr)
+        return 2
+    try:
+        result = run_seeds(seeds, args.overrides, progress=not args.no_progress)
+    except ConfigError as e:
+        print(f"m2flow: config error: {e}", file=sys.stderr)
+        return 2
+    print(f"\n{result['cpu']}, {result['cores']} cores\n\n{result['table']}\n\nwrote {result['path']}/seeds.json, "
+          f"seeds.md and seeds.png")
     return 0
 
 

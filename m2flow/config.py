@@ -46,7 +46,7 @@ class BaseModelConfig:
     sft_batch_size: int = 64  # sequences per supervised step
     sft_lr: float = 3e-3  # peak learning rate of supervised warm start (cosine decay)
     plateau_check_fraction: float = 0.75  # also evaluate the base at this fraction of sft_steps (plateau evidence)
-    seed: int = 1234  # seed of the base model's init, data and SFT
+    seed: Optional[int] = None  # seed of the base model's init and SFT order; null = the run's `seed`
 
 
 @dataclass
@@ -129,6 +129,7 @@ class TrainConfig:
     epochs: int = 1  # passes over the iteration's batch
     micro_batch_size: int = 128  # sequences per forward/backward (gradient accumulation below a mini-batch)
     fsdp: bool = True  # wrap the actor with FSDP2 (fully_shard) over the trainer's process group
+    max_bad_steps: int = 3  # optimizer steps with a non-finite loss or gradient norm are skipped (actor|critic/skipped_steps); this many in a row stop the run with an error
 
 
 @dataclass
@@ -280,6 +281,7 @@ def _validate_ranges(cfg: Config, check) -> None:
     for key, value in non_negative.items():
         check(value >= 0, f"{key} must be >= 0, got {value}")
     positive = {"rollout.n": r.n, "eval.num_problems": cfg.eval.num_problems, "reward.workers": rw.workers,
+                "train.max_bad_steps": t.max_bad_steps,
                 "data.synthetic_train_size": d.synthetic_train_size, "data.synthetic_eval_size": d.synthetic_eval_size,
                 "data.synthetic_max_operand": d.synthetic_max_operand, "base.hidden_size": b.hidden_size,
                 "base.num_layers": b.num_layers, "base.num_heads": b.num_heads, "base.num_kv_heads": b.num_kv_heads,

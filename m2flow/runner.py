@@ -42,7 +42,7 @@ from m2flow.algorithms import (
     whiten_advantages,
 )
 from m2flow.batch import RolloutBatch
-from m2flow.config import CRITIC_ESTIMATORS, Config, save_config, validate
+from m2flow.config import CRITIC_ESTIMATORS, BaseModelConfig, Config, save_config, validate
 from m2flow.data.datasets import BadRowError, DataError, Problem, load_problems
 from m2flow.data.synthetic import TaskSpec, make_splits
 from m2flow.data.templates import format_prompt
@@ -176,6 +176,11 @@ def timer(times: dict[str, float], name: str):
     times[f"time/{name}"] = times.get(f"time/{name}", 0.0) + time.perf_counter() - start
 
 
+def base_config(cfg: Config) -> BaseModelConfig:
+    """cfg.base with its seed resolved (null = the run's seed)."""
+    return cfg.base if cfg.base.seed is not None else dataclasses.replace(cfg.base, seed=cfg.seed)
+
+
 def make_run_dir(cfg: Config) -> str:
     path = os.path.join(cfg.output_dir, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(path, exist_ok=False)
@@ -192,7 +197,7 @@ def run(cfg: Config, progress: bool = True) -> dict:
     if cfg.model.path:
         model_path, base_info = cfg.model.path, {}
     else:
-        model_path, base_info = ensure_base_model(cfg.base, task.sft, task.held_out[: cfg.eval.num_problems],
+        model_path, base_info = ensure_base_model(base_config(cfg), task.sft, task.held_out[: cfg.eval.num_problems],
                                                   cfg.data.template, cfg.eval.max_new_tokens, progress)
     task = drop_long_prompts(task, model_path, cfg)
     run_dir = make_run_dir(cfg)
@@ -303,6 +308,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != cfg.train.steps:
             _save_periodic(actor, run_dir, step, cfg.checkpoint.keep_last)
         metrics_log.log(step, metrics)
+        check_bad_steps(metrics, step, cfg)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", len=f"{metrics['response/length_mean']:.0f}",
                         s=f"{times['time/step']:.1f}")
 
@@ -482,6 +488,23 @@ def _batch_metrics(rounds: list[Round], train_batch: RolloutBatch, cfg: Config) 
     if cfg.algorithm.overlong_filter and len(train_batch):
         out["batch/overlong_masked_frac"] = float((train_batch.response_mask.sum(1) == 0).float().mean())
     return out
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """train.max_bad_steps optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+def check_bad_steps(metrics: dict[str, float], step: int, cfg: Config) -> None:
+    """Stops the run (NonFiniteTrainingError naming the step) once the actor or the critic has skipped
+    train.max_bad_steps optimizer steps in a row for a non-finite loss or gradient norm."""
+    for trainer, lr in (("actor", cfg.train.lr), ("critic", cfg.critic.lr)):
+        bad = int(metrics.get(f"{trainer}/bad_steps_in_a_row", 0))
+        if bad >= cfg.train.max_bad_steps:
+            raise NonFiniteTrainingError(
+                f"RL step {step}: the {trainer}'s last {bad} optimizer steps had a non-finite loss or gradient norm "
+                f"(train.max_bad_steps={cfg.train.max_bad_steps}); they were skipped, so its weights are those of "
+                f"the last good step. Lower the learning rate (now {lr:g}) or look for non-finite rewards or "
+                f"advantages in metrics.jsonl")
 
 
 def _save_periodic(actor, run_dir: str, step: int, keep_last: int) -> None:

@@ -59,31 +59,45 @@ def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, p
     """The update loop shared by the actor and the critic: `cfg.epochs` passes over `batch` in a seeded random
     order, `cfg.mini_batches` optimizer steps per pass, each accumulated over micro-batches of
     `cfg.micro_batch_size` whose losses are weighted by `trainer._share(mb, mini)`. `trainer` has `model`,
-    `optimizer`, `scheduler`, `_micro_batch_loss(mb) -> (loss, metrics)` and `_share`. Returns the metrics
-    averaged over optimizer steps, as `<prefix>/<name>`, plus `<prefix>/grad_norm` and `<prefix>/lr`."""
+    `optimizer`, `scheduler`, `bad_steps_in_a_row`, `_micro_batch_loss(mb) -> (loss, metrics)` and `_share`. Returns the metrics
+    averaged over optimizer steps, as `<prefix>/<name>`, plus `<prefix>/grad_norm` and `<prefix>/lr`.
+
+    A step whose loss or gradient norm is not finite is skipped (no weight or schedule change) and counted:
+    `<prefix>/skipped_steps` in this call and `<prefix>/bad_steps_in_a_row` (kept in `trainer.bad_steps_in_a_row`
+    across calls, reset by a good step), which the runner compares with train.max_bad_steps."""
     trainer.model.train()
     sums: dict[str, float] = {}
-    n_updates = 0
+    n_updates = skipped = 0
     generator = torch.Generator().manual_seed(int(batch.group_ids.sum()))
     for _ in range(cfg.epochs):
         order = torch.randperm(len(batch), generator=generator)
         for mini in batch.select(order).split(-(-len(batch) // cfg.mini_batches)):
             trainer.optimizer.zero_grad(set_to_none=True)
+            finite = True
             for mb in mini.split(cfg.micro_batch_size):
                 loss, metrics = trainer._micro_batch_loss(mb)
                 share = trainer._share(mb, mini)
+                finite &= bool(torch.isfinite(loss.detach()))
                 (loss * share).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v * share
             grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), grad_clip)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
-            trainer.optimizer.step()
-            trainer.scheduler.step()
+            if finite and bool(torch.isfinite(grad_norm)):
+                trainer.optimizer.step()
+                trainer.scheduler.step()
+                trainer.bad_steps_in_a_row = 0
+            else:  # the weights stay those of the last good step
+                trainer.optimizer.zero_grad(set_to_none=True)
+                trainer.bad_steps_in_a_row += 1
+                skipped += 1
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
             n_updates += 1
     out = {f"{prefix}/{k}": v / n_updates for k, v in sums.items()}
     out[f"{prefix}/lr"] = trainer.scheduler.get_last_lr()[0]
+    out[f"{prefix}/skipped_steps"] = float(skipped)
+    out[f"{prefix}/bad_steps_in_a_row"] = float(trainer.bad_steps_in_a_row)
     return out
 
 
@@ -94,6 +108,7 @@ class Actor:
         self.hf_config = model.config
         self.model = apply_fsdp(model) if train.fsdp else model
         self.optimizer, self.scheduler = make_optimizer(self.model, train.lr, train.weight_decay, train.warmup_steps)
+        self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)
         self.policy_loss = POLICY_LOSSES.get(algorithm.policy_loss)
         # the KL loss term; with algorithm.kl_in_reward the runner puts the KL into the rewards instead
         use_kl_loss = algorithm.kl_coef > 0 and not algorithm.kl_in_reward

@@ -13,8 +13,18 @@ import torch
 from safetensors.torch import save_file
 
 
+class NonFiniteWeightsError(ValueError):
+    """A checkpoint would hold NaN or infinite weights."""
+
+
 def save_hf_checkpoint(path: str, hf_config, state_dict: dict[str, torch.Tensor], tokenizer=None) -> str:
-    """Saves `state_dict` (full, unsharded) with `hf_config` and `tokenizer` as an HF model directory."""
+    """Saves `state_dict` (full, unsharded) with `hf_config` and `tokenizer` as an HF model directory. Refuses
+    (NonFiniteWeightsError, nothing written) if any weight is NaN or infinite."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteWeightsError(
+            f"refusing to save checkpoint {path}: {len(bad)} tensor(s) hold NaN or infinite weights, e.g. {bad[0]}; "
+            f"the update diverged (lower train.lr, check train.grad_clip); earlier checkpoints are untouched")
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

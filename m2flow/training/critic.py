@@ -49,6 +49,7 @@ class Critic:
         self.model = apply_fsdp(model) if train.fsdp else model
         self.optimizer, self.scheduler = make_optimizer(self.model, critic.lr, critic.weight_decay,
                                                         critic.warmup_steps)
+        self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)
 
     def _values(self, mb: RolloutBatch) -> torch.Tensor:
         return response_values(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1])

@@ -48,10 +48,12 @@ def sft_train(
     lr: float,
     seed: int = 0,
     warmup: int = 50,
+    final_lr_fraction: float = 0.1,
     on_step: Callable[[int, float], None] | None = None,
     progress: bool = True,
 ) -> list[float]:
-    """AdamW with linear warmup and cosine decay; batches sampled by epochs over the shuffled pairs.
+    """AdamW with linear warmup and cosine decay to `final_lr_fraction` of `lr`; batches sampled by epochs over
+    the shuffled pairs.
 
     `on_step(step, loss)` is called after every optimizer step (step counts from 1). Returns the losses.
     """
@@ -59,7 +61,7 @@ def sft_train(
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (final_lr_fraction + (1 - final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     )
     model.train()
     order: list[int] = []
