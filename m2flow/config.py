@@ -129,7 +129,7 @@ class TrainConfig:
     epochs: int = 1  # passes over the iteration's batch
     micro_batch_size: int = 128  # sequences per forward/backward (gradient accumulation below a mini-batch)
     fsdp: bool = True  # wrap the actor with FSDP2 (fully_shard) over the trainer's process group
-    max_bad_steps: int = 3  # optimizer steps with a non-finite loss or gradient norm are skipped (actor|critic/skipped_steps); this many in a row stop the run with an error
+    max_bad_steps: int = 3  # optimizer steps with a non-finite loss or gradient norm are skipped and counted (actor/skipped_steps, critic/skipped_steps); this many in a row stop the run with an error
 
 
 @dataclass
