@@ -22,6 +22,7 @@ class ClusterConfig:
     address: Optional[str] = None  # Ray cluster address ("auto", "ray://host:10001"); None starts Ray locally
     num_cpus: Optional[int] = None  # CPUs for a locally started Ray; None = all of this machine's
     placement: str = "collocated"  # where worker groups run: collocated (all stages share the devices)
+    listen_all: bool = False  # a locally started Ray listens on all network interfaces (warns: no authentication, anyone reaching its ports can run code); false = 127.0.0.1 only
 
 
 @dataclass
@@ -289,6 +290,9 @@ def _validate_ranges(cfg: Config, check) -> None:
     for key, value in positive.items():
         check(value >= 1, f"{key} must be >= 1, got {value}" + (
             " (held-out accuracy is measured before and after RL)" if key == "eval.num_problems" else ""))
+    check(not cfg.cluster.listen_all or cfg.cluster.address is None,
+          "cluster.listen_all applies to a locally started Ray (cluster.address null); a cluster you join keeps "
+          "its own network settings")
     check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1,
           f"cluster.num_cpus must be >= 1 or null (all of this machine's), got {cfg.cluster.num_cpus}")
 

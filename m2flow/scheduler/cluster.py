@@ -2,12 +2,17 @@
 
 Placement `collocated` puts every worker group on the same devices: stages run in turn and each worker
 uses all of the node's cores while it runs (on CPU: torch threads = the node's CPUs).
+
+A locally started Ray runs without authentication (RAY_AUTH_MODE=disabled), so it listens on the loopback
+interface only: its node IP is 127.0.0.1, and Ray binds the GCS, raylet, object manager and worker ports to
+the node IP. `cluster.listen_all=true` keeps Ray's default (all interfaces) and warns.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 import ray
 
@@ -24,10 +29,29 @@ def start_ray(cfg: ClusterConfig) -> dict:
         kwargs = dict(address=cfg.address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
         if cfg.address is None:
             kwargs["num_cpus"] = cfg.num_cpus or os.cpu_count()
-        ray.init(**kwargs)
+        if cfg.address is None and cfg.listen_all:
+            log.warning("cluster.listen_all=true: Ray listens on all network interfaces without authentication; "
+                        "anyone who can reach this machine's ports can run code on it")
+        with loopback_only(cfg.address is None and not cfg.listen_all):
+            ray.init(**kwargs)
     resources = ray.cluster_resources()
     log.info("ray cluster resources: %s", resources)
     return resources
+
+
+@contextmanager
+def loopback_only(enabled: bool = True):
+    """While Ray starts: its node IP is 127.0.0.1, so its servers bind to loopback. (`ray.init(_node_ip_address=
+    "127.0.0.1")` does not do it: Ray resolves a localhost address to the machine's external IP; its own
+    loopback mode, used on macOS/Windows, is this switch, read when the node IP is resolved.)"""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = saved and not enabled
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def launch(cls, *args, name: str, threads: int, **kwargs):
