@@ -89,13 +89,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from m2flow.data.datasets import DataError
     from m2flow.report import print_summary
-    from m2flow.runner import run
+    from m2flow.runner import NonFiniteTrainingError, StageError, run
 
     try:
         summary = run(cfg, progress=not args.no_progress)
     except DataError as e:  # a missing, empty or malformed data file, found before anything starts
         print(f"m2flow: data error: {e}", file=sys.stderr)
         return 2
+    except (StageError, NonFiniteTrainingError) as e:  # one line, then the original error
+        import traceback
+
+        cause = getattr(e, "cause", None)
+        detail = str(cause) if cause is not None and "Traceback" in str(cause) else "".join(
+            traceback.format_exception(cause or e))
+        print(f"m2flow: run failed: {e}\n{detail.rstrip()}", file=sys.stderr)
+        if getattr(e, "run_dir", None):
+            print(f"m2flow: recorded in {os.path.join(e.run_dir, 'status.json')}", file=sys.stderr)
+        return 1
     print_summary(summary)
     return 0
 

@@ -181,6 +181,56 @@ def base_config(cfg: Config) -> BaseModelConfig:
     return cfg.base if cfg.base.seed is not None else dataclasses.replace(cfg.base, seed=cfg.seed)
 
 
+class StageError(RuntimeError):
+    """A stage of the iteration failed: the message is one line naming the stage and the worker; the original
+    error is `cause` (for a Ray worker, its remote traceback is in str(cause))."""
+
+    def __init__(self, stage_name: str, cause: BaseException):
+        self.stage, self.cause, self.worker = stage_name, cause, _worker_name(cause)
+        self.run_dir: str | None = None  # set by run(): where status.json records the failure
+        original = getattr(cause, "cause", None) or cause  # a RayTaskError carries the worker's exception
+        first = (str(original).strip().splitlines() or [""])[0]
+        super().__init__(f"stage '{stage_name}' failed in {self.worker}: {type(original).__name__}: {first}")
+
+
+def _worker_name(e: BaseException) -> str:
+    """Which worker raised: a Ray actor's method (and pid), a reward worker process, or the driver."""
+    from m2flow.rewards.limits import RewardError
+
+    if isinstance(e, ray.exceptions.RayTaskError):
+        title = (e.proctitle or e.function_name or "a Ray worker").removeprefix("ray::")
+        return f"{title} (pid {e.pid})" if e.pid else title
+    if isinstance(e, ray.exceptions.RayActorError):
+        return "a Ray actor that died" + (f" ({e.actor_id})" if getattr(e, "actor_id", None) else "")
+    if isinstance(e, RewardError):
+        return "a reward worker process"
+    return "the driver"
+
+
+@contextmanager
+def stage(times: dict[str, float], name: str):
+    """`timer(times, name)`, and an exception inside becomes a StageError naming the stage and the worker."""
+    with timer(times, name):
+        try:
+            yield
+        except (StageError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise StageError(name, e) from e
+
+
+def write_status(run_dir: str, status: str, error: BaseException | None = None) -> None:
+    """<run_dir>/status.json: completed | failed | interrupted, the error (stage, worker, message) and the
+    last periodic checkpoint (where to restart from)."""
+    root = os.path.join(run_dir, "checkpoints")
+    periodic = sorted(d for d in os.listdir(root) if d.startswith("step_") and "." not in d) if os.path.isdir(root) else []
+    record: dict = {"status": status, "last_checkpoint": os.path.join(root, periodic[-1]) if periodic else None}
+    if error is not None:
+        record |= {"error": str(error), "error_type": type(error).__name__,
+                   "stage": getattr(error, "stage", None), "worker": getattr(error, "worker", None)}
+    atomic_write_text(os.path.join(run_dir, "status.json"), json.dumps(record, indent=2))
+
+
 def make_run_dir(cfg: Config) -> str:
     path = os.path.join(cfg.output_dir, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(path, exist_ok=False)
@@ -211,7 +261,15 @@ def run(cfg: Config, progress: bool = True) -> dict:
     resources = start_ray(cfg.cluster)
     pool = RewardPool(cfg.reward.workers)  # reward scoring with a hard per-response time limit
     try:
-        return _train(cfg, run_dir, model_path, base_info, task, resources, progress, t_start, pool)
+        summary = _train(cfg, run_dir, model_path, base_info, task, resources, progress, t_start, pool)
+        write_status(run_dir, "completed")
+        return summary
+    except BaseException as e:  # the run directory says that (and where) it failed
+        write_status(run_dir, "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", e)
+        if isinstance(e, (StageError, NonFiniteTrainingError)):
+            e.run_dir = run_dir  # the CLI points at status.json
+        log.error("run failed: %s (recorded in %s)", e, os.path.join(run_dir, "status.json"))
+        raise
     finally:  # a crashed worker surfaces as its exception here; the last checkpoint was written atomically
         pool.close()
         if started_ray:
@@ -241,7 +299,8 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
 
     def held_out_eval() -> EvalResult:
         generate = lambda ps, sp: ray.get(rollout.generate.remote(ps, sp))  # noqa: E731
-        return evaluate(generate, held_out, held_out_prompts, greedy, score_batch=lambda rs, ts: scorer(rs, ts)[0])
+        with stage({}, "eval"):
+            return evaluate(generate, held_out, held_out_prompts, greedy, score_batch=lambda rs, ts: scorer(rs, ts)[0])
 
     def eval_metrics(result: EvalResult) -> dict[str, float]:
         return {"eval/accuracy": result.accuracy, "eval/worked_share": result.worked_share,
@@ -265,11 +324,11 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                 """Round r of this step: fresh prompts, sampled, scored and shaped; group ids offset by r * P."""
                 ids = sampler.next(cfg.train.prompts_per_step)
                 params = dataclasses.replace(sampling, seed=round_seed(cfg.seed, step, r))
-                with timer(times, "rollout"):
+                with stage(times, "rollout"):
                     samples = ray.get(rollout.generate.remote([prompt(task.train[i]) for i in ids], params))
                     engine_stats.append(ray.get(rollout.stats.remote()))
                     batch = RolloutBatch.from_samples(samples, tokenizer.pad_token_id)
-                with timer(times, "reward"):
+                with stage(times, "reward"):
                     truths = [task.train[ids[s.prompt_index]].answer for s in samples]
                     scores, timeouts = scorer([s.text for s in samples], truths)
                     return prepare_round(batch, samples, torch.tensor(scores), cfg,
@@ -278,21 +337,21 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
             rounds, train_batch, filter_metrics = collect_batch(generate_round, cfg, tokenizer.pad_token_id)
             train_metrics = {}
             if len(train_batch):
-                with timer(times, "logprobs"):
+                with stage(times, "logprobs"):
                     old_ref = actor.compute_logprobs.remote(train_batch)
                     ref_ref = reference.compute_logprobs.remote(train_batch) if reference else None
                     values_ref = critic.compute_values.remote(train_batch) if critic else None
                     train_batch.old_logprobs = ray.get(old_ref)
                     train_batch.ref_logprobs = ray.get(ref_ref) if ref_ref else None
                     train_batch.values = ray.get(values_ref) if values_ref else None
-                with timer(times, "advantage"):
+                with stage(times, "advantage"):
                     train_metrics |= compute_advantages(train_batch, cfg)
                 if critic is not None:
-                    with timer(times, "critic_update"):
+                    with stage(times, "critic_update"):
                         train_metrics |= ray.get(critic.update.remote(train_batch))
-                with timer(times, "update"):
+                with stage(times, "update"):
                     train_metrics |= ray.get(actor.update.remote(train_batch))
-                with timer(times, "weight_sync"):
+                with stage(times, "weight_sync"):
                     ray.get(rollout.load_weights.remote(actor.state_dict.remote(), step))
 
         samples = [s for r in rounds for s in r.samples]
@@ -306,7 +365,8 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
             metrics.update(eval_metrics(held_out_eval()))
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != cfg.train.steps:
-            _save_periodic(actor, run_dir, step, cfg.checkpoint.keep_last)
+            with stage(times, "checkpoint"):
+                _save_periodic(actor, run_dir, step, cfg.checkpoint.keep_last)
         metrics_log.log(step, metrics)
         check_bad_steps(metrics, step, cfg)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", len=f"{metrics['response/length_mean']:.0f}",
@@ -315,7 +375,8 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     after = held_out_eval()
     metrics_log.log(cfg.train.steps, eval_metrics(after))
     metrics_log.close()
-    final_dir = ray.get(actor.save_checkpoint.remote(os.path.join(run_dir, "checkpoints", "final")))
+    with stage({}, "checkpoint"):
+        final_dir = ray.get(actor.save_checkpoint.remote(os.path.join(run_dir, "checkpoints", "final")))
     plot_metrics(metrics_log.path, os.path.join(run_dir, "metrics.png"),
                  ["reward/mean", "eval/accuracy", "eval/worked_share", "response/length_mean", "actor/entropy", "actor/pg_clip_frac",
                   "actor/grad_norm", "time/step"])

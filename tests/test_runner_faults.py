@@ -1,0 +1,80 @@
+"""Worker faults (issue 12): a stage that raises stops the run with one line naming the stage and the worker,
+the original error below it, a non-zero exit, and <run_dir>/status.json saying that (and where) it failed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import ray
+
+from m2flow.rewards import REWARDS, register_reward
+from m2flow.rewards.limits import RewardError
+from m2flow.runner import StageError, stage, write_status
+
+EVAL_PROBLEMS = 8
+_calls = [0]
+
+
+def reward_failing_after_eval(response: str, ground_truth: str, **_options) -> float:
+    """Scores the held-out evaluation (EVAL_PROBLEMS calls, one reward worker), then raises in training."""
+    _calls[0] += 1
+    if _calls[0] > EVAL_PROBLEMS:
+        raise ValueError("injected reward fault")
+    return 0.0
+
+
+if "faults_raising" not in REWARDS:
+    register_reward("faults_raising")(reward_failing_after_eval)
+
+
+def test_stage_error_names_the_stage_and_a_ray_worker():
+    cause = ValueError("boom in update")
+    remote = ray.exceptions.RayTaskError("ActorWorker.update", "Traceback ...\nValueError: boom in update", cause,
+                                         proctitle="ray::ActorWorker.update()", pid=4242)
+    with pytest.raises(StageError) as err:
+        with stage({}, "update"):
+            raise remote
+    assert str(err.value) == "stage 'update' failed in ActorWorker.update() (pid 4242): ValueError: boom in update"
+    assert err.value.cause is remote and err.value.stage == "update"
+
+
+def test_stage_error_names_reward_workers_and_keeps_timing():
+    times: dict[str, float] = {}
+    with pytest.raises(StageError, match="stage 'reward' failed in a reward worker process: RewardError: bad"):
+        with stage(times, "reward"):
+            raise RewardError("bad\ntraceback")
+    assert "time/reward" not in times  # a failed stage is not timed
+    with stage(times, "rollout"):
+        pass
+    assert times["time/rollout"] >= 0
+
+
+def test_status_file_records_failure_and_last_checkpoint(tmp_path):
+    os.makedirs(tmp_path / "checkpoints" / "step_000002")
+    os.makedirs(tmp_path / "checkpoints" / "step_000004.tmp")  # an unfinished save is not a place to resume
+    write_status(str(tmp_path), "failed", StageError("update", ValueError("x")))
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "failed" and status["stage"] == "update" and status["worker"] == "the driver"
+    assert status["last_checkpoint"].endswith("step_000002") and "ValueError: x" in status["error"]
+
+
+def test_failing_reward_worker_stops_the_run(tmp_path, capsys):
+    """End to end through Ray and the CLI on a micro model: one line, the original error, exit 1, status.json."""
+    from m2flow.cli import main
+
+    micro = ["base.hidden_size=32", "base.num_layers=2", "base.num_heads=4", "base.num_kv_heads=2",
+             "base.intermediate_size=64", "base.sft_examples=32", "base.sft_steps=2", "base.sft_batch_size=16",
+             "data.synthetic_train_size=32", "data.synthetic_eval_size=8", f"eval.num_problems={EVAL_PROBLEMS}",
+             "eval.max_new_tokens=8", "rollout.max_new_tokens=8", "rollout.n=2", "train.prompts_per_step=2",
+             "train.micro_batch_size=4", "train.steps=2", "cluster.num_cpus=2", "reward.workers=1",
+             "reward.name=faults_raising", f"output_dir={tmp_path / 'runs'}", f"base.cache_dir={tmp_path / 'cache'}"]
+    assert main(["train", *micro, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("m2flow: run failed:"))
+    assert "stage 'reward' failed in a reward worker process" in line
+    assert "ValueError: injected reward fault" in err.split(line, 1)[1]  # the original error below the line
+    (run_dir,) = os.listdir(tmp_path / "runs")
+    status = json.loads((tmp_path / "runs" / run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["stage"] == "reward"
