@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     except (StageError, NonFiniteTrainingError) as e:  # one line, then the original error
         import traceback
 
-        cause = getattr(e, "cause", None)
-        detail = str(cause) if cause is not None and "Traceback" in str(cause) else "".join(
-            traceback.format_exception(cause or e))
-        print(f"m2flow: run failed: {e}\n{detail.rstrip()}", file=sys.stderr)
+        cause = getattr(e, "cause", None)  # a NonFiniteTrainingError has none: its line says it all
+        detail = "" if cause is None else str(cause) if "Traceback" in str(cause) else "".join(
+            traceback.format_exception(cause))
+        print(f"m2flow: run failed: {e}" + (f"\n{detail.rstrip()}" if detail else ""), file=sys.stderr)
         if getattr(e, "run_dir", None):
             print(f"m2flow: recorded in {os.path.join(e.run_dir, 'status.json')}", file=sys.stderr)
         return 1

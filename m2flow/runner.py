@@ -364,11 +364,11 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         metrics["throughput/samples_per_s"] = len(samples) / times["time/step"]
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
             metrics.update(eval_metrics(held_out_eval()))
+        metrics_log.log(step, metrics)
+        check_bad_steps(metrics, step, cfg)  # before a checkpoint: a diverging run is not saved as resumable
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != cfg.train.steps:
             with stage(times, "checkpoint"):
                 _save_periodic(actor, run_dir, step, cfg.checkpoint.keep_last)
-        metrics_log.log(step, metrics)
-        check_bad_steps(metrics, step, cfg)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", len=f"{metrics['response/length_mean']:.0f}",
                         s=f"{times['time/step']:.1f}")
 
