@@ -27,8 +27,8 @@ def _descendants(root: int) -> set[int]:
     return tree
 
 
-def _listening_addresses(pids: set[int]) -> list[str]:
-    """Local IPs of the TCP sockets these processes listen on (from /proc: no `ss` needed)."""
+def _listening_addresses(pids: set[int]) -> dict[str, str]:
+    """Socket inode -> local IP of the TCP sockets these processes listen on (from /proc: no `ss` needed)."""
     inodes = set()
     for pid in pids:
         try:
@@ -38,13 +38,13 @@ def _listening_addresses(pids: set[int]) -> list[str]:
                     inodes.add(link[8:-1])
         except OSError:
             continue
-    out = []
+    out = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
             for line in list(f)[1:]:
                 cols = line.split()
                 if cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
-                    out.append(_ip(cols[1].split(":")[0]))
+                    out[cols[9]] = _ip(cols[1].split(":")[0])
     return out
 
 
@@ -64,6 +64,7 @@ def test_local_ray_listens_on_loopback_only():
     from m2flow.scheduler.cluster import start_ray
 
     assert not ray.is_initialized()
+    before = _listening_addresses(_descendants(os.getpid()))  # e.g. a gloo store of another test: not Ray's
     start_ray(ClusterConfig(num_cpus=1))
     try:
         @ray.remote(num_cpus=0)
@@ -72,7 +73,8 @@ def test_local_ray_listens_on_loopback_only():
                 return 1
 
         assert ray.get(Echo.remote().ping.remote()) == 1  # a worker with its own server is up
-        addresses = _listening_addresses(_descendants(os.getpid()))
+        found = _listening_addresses(_descendants(os.getpid()))
+        addresses = [ip for inode, ip in found.items() if inode not in before]
         assert len(addresses) >= 3  # GCS, raylet, workers
         assert all(a.startswith("127.") for a in addresses), addresses  # no 0.0.0.0, ::, or the machine's IP
     finally:
