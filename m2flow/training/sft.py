@@ -34,7 +34,11 @@ def collate(examples: list[tuple[list[int], int]], pad_token_id: int):
 
 
 def sft_loss(model, input_ids, mask, labels) -> torch.Tensor:
-    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+    """Mean cross-entropy of the completion tokens of a right-padded batch. The attention mask is not passed:
+    padding comes after every real token, so causal attention never lets a real token see it, and without a
+    mask the attention takes its causal fast path (the same loss, about 15% faster on CPU)."""
+    assert bool((mask[:, 1:] <= mask[:, :-1]).all()), "sft_loss expects right-padded rows (see collate)"
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
 
 
