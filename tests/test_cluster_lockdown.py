@@ -3,6 +3,7 @@ which warns."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -104,3 +105,18 @@ def test_listen_all_warns(monkeypatch, caplog):
 def test_listen_all_needs_a_local_ray():
     with pytest.raises(ConfigError, match="cluster.listen_all applies to a locally started Ray"):
         load_config(None, ["cluster.listen_all=true", "cluster.address=auto"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc")
+def test_trainer_process_group_listens_on_loopback_only():
+    """The trainer's one-rank gloo group (a fresh process: this one may have a group already) opens no
+    all-interfaces store server."""
+    import subprocess
+    import sys
+
+    code = ("import json, os, sys; sys.path.insert(0, 'tests'); from test_cluster_lockdown import _listening_addresses;"
+            "from m2flow.training.actor import init_single_process_group; init_single_process_group();"
+            "print(json.dumps(sorted(set(_listening_addresses({os.getpid()}).values()))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    addresses = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(a.startswith("127.") for a in addresses), addresses

@@ -3,7 +3,9 @@ applies the policy-gradient update. A thin shell over pure functions from `m2flo
 
 from __future__ import annotations
 
-import socket
+import atexit
+import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -15,13 +17,14 @@ from m2flow.training.forward import batch_logprobs, response_logits, token_logpr
 
 
 def init_single_process_group() -> None:
-    """A one-rank gloo process group, so FSDP2 runs the same code path as on many ranks."""
+    """A one-rank gloo process group, so FSDP2 runs the same code path as on many ranks. Its rendezvous is a
+    file store: a TCP store's server would listen on all network interfaces (issue 12)."""
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    fd, path = tempfile.mkstemp(prefix="m2flow-pg-")
+    os.close(fd)
+    atexit.register(lambda: os.path.exists(path) and os.unlink(path))
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
 
 
 def apply_fsdp(model: torch.nn.Module) -> torch.nn.Module:
