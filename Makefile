@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.m2flow-installed
 
-.PHONY: setup demo test test-slow test-gpu docs clean
+.PHONY: setup demo demo-seeds test test-slow test-gpu docs clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	RAY_AUTH_MODE=disabled $(BIN)/m2flow demo
+
+demo-seeds: setup
+	RAY_AUTH_MODE=disabled $(BIN)/m2flow demo --seeds 0,1,2,3,4
 
 test: setup
 	RAY_AUTH_MODE=disabled $(BIN)/pytest -q

@@ -61,6 +61,7 @@ class DataConfig:
     synthetic_eval_size: int = 500  # synthetic held-out problems, disjoint from every training split
     synthetic_seed: int = 7  # seed of the synthetic problem generator
     synthetic_max_operand: int = 30  # synthetic problems draw +/- operands from 1..this
+    synthetic_max_multiplier: int = 9  # synthetic problems multiply by 2..this
     bad_rows: str = "error"  # rows with no/empty question or answer or invalid JSON, and prompts whose tokens + max_new_tokens exceed the model's max_position_embeddings: error (stop at start-up naming file:line) | skip (drop them; counted in summary.json and metrics as data/*_skipped)
 
 
@@ -147,7 +148,7 @@ class CriticConfig:
 @dataclass
 class EvalConfig:
     num_problems: int = 500  # held-out problems evaluated greedily before and after RL
-    every: int = 0  # also evaluate every k RL steps (0 = only before and after)
+    every: int = 10  # also evaluate every k RL steps (0 = only before and after; the curves of `m2flow demo --seeds`)
     max_new_tokens: int = 48  # response length cap in evaluation
 
 
@@ -284,12 +285,15 @@ def _validate_ranges(cfg: Config, check) -> None:
     positive = {"rollout.n": r.n, "eval.num_problems": cfg.eval.num_problems, "reward.workers": rw.workers,
                 "train.max_bad_steps": t.max_bad_steps,
                 "data.synthetic_train_size": d.synthetic_train_size, "data.synthetic_eval_size": d.synthetic_eval_size,
-                "data.synthetic_max_operand": d.synthetic_max_operand, "base.hidden_size": b.hidden_size,
+                "base.hidden_size": b.hidden_size,
                 "base.num_layers": b.num_layers, "base.num_heads": b.num_heads, "base.num_kv_heads": b.num_kv_heads,
                 "base.intermediate_size": b.intermediate_size, "base.sft_batch_size": b.sft_batch_size}
     for key, value in positive.items():
         check(value >= 1, f"{key} must be >= 1, got {value}" + (
             " (held-out accuracy is measured before and after RL)" if key == "eval.num_problems" else ""))
+    for key, value in {"data.synthetic_max_operand": d.synthetic_max_operand,
+                       "data.synthetic_max_multiplier": d.synthetic_max_multiplier}.items():
+        check(value >= 2, f"{key} must be >= 2, got {value}")
     check(not cfg.cluster.listen_all or cfg.cluster.address is None,
           "cluster.listen_all applies to a locally started Ray (cluster.address null); a cluster you join keeps "
           "its own network settings")

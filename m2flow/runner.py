@@ -81,7 +81,7 @@ def load_task(cfg: Config) -> Task:
     synthetic = None
     if not (d.train_path and d.eval_path and cfg.model.path):
         sizes = {"eval": d.synthetic_eval_size, "sft": cfg.base.sft_examples, "rl": d.synthetic_train_size}
-        spec = TaskSpec(max_operand=d.synthetic_max_operand)
+        spec = TaskSpec(max_operand=d.synthetic_max_operand, max_multiplier=d.synthetic_max_multiplier)
         sft_spec = dataclasses.replace(spec, direct_fraction=cfg.base.sft_direct_fraction)
         synthetic = make_splits(sizes, seed=d.synthetic_seed, spec=spec, split_specs={"sft": sft_spec})
     skipped: dict[str, list[str]] = {"train": [], "eval": []}
