@@ -222,9 +222,8 @@ def stage(times: dict[str, float], name: str):
 def write_status(run_dir: str, status: str, error: BaseException | None = None) -> None:
     """<run_dir>/status.json: completed | failed | interrupted, the error (stage, worker, message) and the
     last periodic checkpoint (where to restart from)."""
-    root = os.path.join(run_dir, "checkpoints")
-    periodic = sorted(d for d in os.listdir(root) if d.startswith("step_") and "." not in d) if os.path.isdir(root) else []
-    record: dict = {"status": status, "last_checkpoint": os.path.join(root, periodic[-1]) if periodic else None}
+    periodic = periodic_checkpoints(run_dir)
+    record: dict = {"status": status, "last_checkpoint": periodic[-1] if periodic else None}
     if error is not None:
         record |= {"error": str(error), "error_type": type(error).__name__,
                    "stage": getattr(error, "stage", None), "worker": getattr(error, "worker", None)}
@@ -568,12 +567,18 @@ def check_bad_steps(metrics: dict[str, float], step: int, cfg: Config) -> None:
                 f"advantages in metrics.jsonl")
 
 
-def _save_periodic(actor, run_dir: str, step: int, keep_last: int) -> None:
+def periodic_checkpoints(run_dir: str) -> list[str]:
+    """Paths of the run's complete periodic checkpoints (`checkpoints/step_NNNNNN`), oldest first; a save in
+    progress (`.tmp`) or being replaced (`.old`) is not one."""
     root = os.path.join(run_dir, "checkpoints")
-    ray.get(actor.save_checkpoint.remote(os.path.join(root, f"step_{step:06d}")))
-    periodic = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith((".tmp", ".old")))
-    for old in periodic[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    names = sorted(d for d in os.listdir(root) if d.startswith("step_") and "." not in d) if os.path.isdir(root) else []
+    return [os.path.join(root, d) for d in names]
+
+
+def _save_periodic(actor, run_dir: str, step: int, keep_last: int) -> None:
+    ray.get(actor.save_checkpoint.remote(os.path.join(run_dir, "checkpoints", f"step_{step:06d}")))
+    for old in periodic_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _log_to_file(path: str) -> None:

@@ -30,6 +30,8 @@ from m2flow.config import Config, ConfigError, load_config
     ("rollout.n=0", ["rollout.n"]),
     ("data.synthetic_train_size=0", ["data.synthetic_train_size", ">= 1"]),
     ("base.hidden_size=-8", ["base.hidden_size", ">= 1"]),
+    ("data.synthetic_max_operand=1", ["data.synthetic_max_operand", ">= 2"]),
+    ("data.synthetic_max_multiplier=1", ["data.synthetic_max_multiplier", ">= 2"]),
     ("cluster.num_cpus=0", ["cluster.num_cpus", ">= 1"]),
     ("name=../../x", ["name", "output_dir"]),
     ("name=a/b", ["name", "'/'"]),
