@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 from m2flow.rewards.math import boxed_format_reward, math_reward
+from m2flow.rewards.multiple_choice import multiple_choice_reward
 
 RewardFn = Callable[..., float]
 F = TypeVar("F", bound=RewardFn)
@@ -39,3 +40,4 @@ def get_reward(name: str) -> RewardFn:
 
 register_reward("math")(math_reward)
 register_reward("boxed_format")(boxed_format_reward)
+register_reward("multiple_choice")(multiple_choice_reward)
