@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text.split("\n")[0], description=help_text)
         if name == "train":
             p.add_argument("--config", help="YAML experiment file (e.g. configs/tiny_math_grpo.yaml)")
+            p.add_argument("--resume", metavar="RUN_DIR",
+                           help="continue a killed or failed run from its last complete checkpoint, with the "
+                                "config it was started with (overrides still apply, e.g. cluster settings); the "
+                                "continued run's metrics and weights are those of a run that never stopped")
         else:
             p.add_argument("--seeds", default="",
                            help="comma-separated seeds, e.g. 0,1,2,3,4: run the experiment once per seed (each builds "
@@ -81,20 +85,32 @@ def main(argv: list[str] | None = None) -> int:
 
     if getattr(args, "seeds", ""):
         return _demo_seeds(args)
+    resume = getattr(args, "resume", None)
+    if resume and args.config:
+        print("m2flow: --resume takes the run's own config.yaml; give no --config", file=sys.stderr)
+        return 2
     try:
-        cfg = load_config(getattr(args, "config", None), args.overrides)
+        if resume:
+            cfg = load_config(os.path.join(resume, "config.yaml") if os.path.isdir(resume) else None,
+                              [*args.overrides, f"resume={resume}"])
+        else:
+            cfg = load_config(getattr(args, "config", None), args.overrides)
     except ConfigError as e:
         print(f"m2flow: config error: {e}", file=sys.stderr)
         return 2
 
     from m2flow.data.datasets import DataError
     from m2flow.report import print_summary
+    from m2flow.resume import ResumeError
     from m2flow.runner import NonFiniteTrainingError, StageError, run
 
     try:
         summary = run(cfg, progress=not args.no_progress)
     except DataError as e:  # a missing, empty or malformed data file, found before anything starts
         print(f"m2flow: data error: {e}", file=sys.stderr)
+        return 2
+    except ResumeError as e:  # nothing to resume, found before anything starts
+        print(f"m2flow: resume error: {e}", file=sys.stderr)
         return 2
     except (StageError, NonFiniteTrainingError) as e:  # one line, then the original error
         import traceback

@@ -154,8 +154,8 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # save an HF checkpoint every k steps (0 = only at the end)
-    keep_last: int = 2  # periodic checkpoints kept (the final one is always kept)
+    every: int = 10  # save a resumable checkpoint every k steps (0 = only the final weights, no resume)
+    keep_last: int = 2  # periodic checkpoints kept (0 = all; the final one is always kept)
 
 
 @dataclass
@@ -163,6 +163,7 @@ class Config:
     name: str = "tiny-math-grpo"  # experiment name (run directory prefix)
     output_dir: str = "runs"  # parent directory of run directories
     seed: int = 0  # one seed for Python, NumPy, torch and sampling
+    resume: str = ""  # continue a killed run exactly: its run directory, or "auto" (the newest unfinished run of this name)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
@@ -317,6 +318,10 @@ def _validate_paths(cfg: Config, check) -> None:
         if value:
             check(value.endswith(SUFFIXES), f"{key} must be a {' or '.join(SUFFIXES)} file, got {value!r}")
             check(os.path.isfile(value), f"{key}: file not found: {value!r} (empty = synthetic problems)")
+    if cfg.resume not in ("", "auto"):
+        check(os.path.isfile(os.path.join(cfg.resume, "config.yaml")),
+              f"resume must be '', 'auto' or a run directory (with its config.yaml); {cfg.resume!r} "
+              f"{'has no config.yaml' if os.path.isdir(cfg.resume) else 'does not exist'}")
 
 
 def _validate_algorithm(cfg: Config, check) -> None:

@@ -7,18 +7,36 @@ import os
 
 import matplotlib
 
+from m2flow.io import atomic_write_text
+
 matplotlib.use("Agg")
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, tensorboard: bool = True):
+    """Appends to <run_dir>/metrics.jsonl and TensorBoard. With `resume_after=k` (a run resumed from its
+    checkpoint of step k), the rows of later steps, logged before the run was killed, are dropped first (from
+    both), so every step appears once."""
+
+    def __init__(self, run_dir: str, tensorboard: bool = True, resume_after: int | None = None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        if resume_after is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = [line for line in f if line.strip()]
+            kept = []
+            for line in lines:
+                try:
+                    if json.loads(line)["step"] <= resume_after:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except ValueError:  # a line cut short by the kill
+                    pass
+            atomic_write_text(self.path, "".join(kept))
         self._file = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            purge = {"purge_step": resume_after + 1} if resume_after is not None else {}
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), **purge)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import random
-import shutil
+import socket
 import time
 from contextlib import contextmanager
 
@@ -52,6 +52,16 @@ from m2flow.metrics import MetricsLogger, plot_metrics
 from m2flow.rewards import get_reward
 from m2flow.rewards.limits import RewardPool, RewardScorer
 from m2flow.rewards.math import timeout_score
+from m2flow.resume import (
+    CRITIC,
+    clean_checkpoints,
+    find_run_to_resume,
+    load_run_state,
+    periodic_checkpoints,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from m2flow.rollout import SamplingParams
 from m2flow.scheduler.cluster import launch, start_ray
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker
@@ -167,6 +177,19 @@ class PromptSampler:
         out, self.order = self.order[:k], self.order[k:]
         return out
 
+    def state(self) -> dict:
+        """Where the sampler is (JSON-serialisable): its RNG and the rest of the current epoch's order."""
+        version, internal, gauss = self.rng.getstate()
+        return {"n": self.n, "order": list(self.order), "rng": [version, list(internal), gauss]}
+
+    def load_state(self, state: dict) -> None:
+        if state["n"] != self.n:
+            raise ValueError(f"the sampler was saved over {state['n']} training problems, but the data now has "
+                             f"{self.n}: the run cannot resume on different training data")
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order = list(state["order"])
+
 
 @contextmanager
 def timer(times: dict[str, float], name: str):
@@ -220,10 +243,11 @@ def stage(times: dict[str, float], name: str):
 
 
 def write_status(run_dir: str, status: str, error: BaseException | None = None) -> None:
-    """<run_dir>/status.json: completed | failed | interrupted, the error (stage, worker, message) and the
-    last periodic checkpoint (where to restart from)."""
+    """<run_dir>/status.json: running | completed | failed | interrupted, the error (stage, worker, message),
+    the last periodic checkpoint (where to resume from) and the driver's host and pid."""
     periodic = periodic_checkpoints(run_dir)
-    record: dict = {"status": status, "last_checkpoint": periodic[-1] if periodic else None}
+    record: dict = {"status": status, "last_checkpoint": periodic[-1] if periodic else None,
+                    "host": socket.gethostname(), "pid": os.getpid()}
     if error is not None:
         record |= {"error": str(error), "error_type": type(error).__name__,
                    "stage": getattr(error, "stage", None), "worker": getattr(error, "worker", None)}
@@ -242,6 +266,7 @@ def run(cfg: Config, progress: bool = True) -> dict:
     seed_everything(cfg.seed)
     t_start = time.time()
     # bad config, data and prompts stop here, before a run directory is made or Ray is started
+    run_dir = find_run_to_resume(cfg.resume, cfg.output_dir, cfg.name)  # None: a new run
     task = load_task(cfg)
     if cfg.model.path:
         model_path, base_info = cfg.model.path, {}
@@ -249,10 +274,19 @@ def run(cfg: Config, progress: bool = True) -> dict:
         model_path, base_info = ensure_base_model(base_config(cfg), task.sft, task.held_out[: cfg.eval.num_problems],
                                                   cfg.data.template, cfg.eval.max_new_tokens, progress)
     task = drop_long_prompts(task, model_path, cfg)
-    run_dir = make_run_dir(cfg)
-    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    checkpoint = None
+    if run_dir is None:
+        run_dir = make_run_dir(cfg)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    else:  # a run that was killed or failed: continue it from its last complete checkpoint
+        removed = clean_checkpoints(run_dir, cfg.checkpoint.keep_last)
+        checkpoint = periodic_checkpoints(run_dir)[-1]
+        _warn_config_changes(cfg, os.path.join(run_dir, "config.yaml"))
     _log_to_file(os.path.join(run_dir, "log.txt"))
     log.info("run directory: %s", run_dir)
+    write_status(run_dir, "running")
+    if checkpoint:
+        log.info("resuming from %s%s", checkpoint, f" (removed leftovers {removed})" if removed else "")
 
     # Workers: rollout engine, trainer, (only with a KL term) the frozen reference and (only with GAE) the
     # critic, collocated.
@@ -260,7 +294,7 @@ def run(cfg: Config, progress: bool = True) -> dict:
     resources = start_ray(cfg.cluster)
     pool = RewardPool(cfg.reward.workers)  # reward scoring with a hard per-response time limit
     try:
-        summary = _train(cfg, run_dir, model_path, base_info, task, resources, progress, t_start, pool)
+        summary = _train(cfg, run_dir, model_path, base_info, task, resources, progress, t_start, pool, checkpoint)
         write_status(run_dir, "completed")
         return summary
     except BaseException as e:  # the run directory says that (and where) it failed
@@ -276,7 +310,8 @@ def run(cfg: Config, progress: bool = True) -> dict:
 
 
 def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Task, resources: dict,
-           progress: bool, t_start: float, pool: RewardPool | None = None) -> dict:
+           progress: bool, t_start: float, pool: RewardPool | None = None, checkpoint: str | None = None) -> dict:
+    """The RL loop (from step 1, or from the step after `checkpoint`, a periodic checkpoint of this run)."""
     threads = int(cfg.cluster.num_cpus or resources.get("CPU", 1))
     rollout = launch(RolloutWorker, model_path, cfg, name=f"rollout-{os.getpid()}", threads=threads)
     actor = launch(ActorWorker, model_path, cfg, name=f"actor-{os.getpid()}", threads=threads)
@@ -305,14 +340,37 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         return {"eval/accuracy": result.accuracy, "eval/worked_share": result.worked_share,
                 "eval/response_tokens": result.mean_response_tokens}
 
-    metrics_log = MetricsLogger(run_dir)
-    before = held_out_eval()
     skipped = {split: len(rows) for split, rows in task.skipped.items()}
-    metrics_log.log(0, {**eval_metrics(before), **{f"data/{k}_skipped": float(v) for k, v in skipped.items()}})
-    log.info("held-out accuracy before RL: %.3f", before.accuracy)
     sampler = PromptSampler(len(task.train), cfg.seed)
-    totals = {"samples": 0, "tokens": 0, "seconds": 0.0}
-    bar = tqdm(range(1, cfg.train.steps + 1), desc=cfg.algorithm.advantage, disable=not progress, dynamic_ncols=True)
+    if checkpoint is None:
+        metrics_log = MetricsLogger(run_dir)
+        before = held_out_eval()
+        metrics_log.log(0, {**eval_metrics(before), **{f"data/{k}_skipped": float(v) for k, v in skipped.items()}})
+        log.info("held-out accuracy before RL: %.3f", before.accuracy)
+        totals = {"samples": 0, "tokens": 0, "seconds": 0.0}
+        first_step = 1
+    else:  # everything the straight run would hold at this point: weights, optimizers, sampler, RNGs, totals
+        state = load_run_state(checkpoint)
+        with stage({}, "resume"):
+            ray.get([actor.load_state.remote(checkpoint)] +
+                    ([critic.load_state.remote(os.path.join(checkpoint, CRITIC))] if critic else []))
+            ray.get(rollout.load_weights.remote(actor.state_dict.remote(), state["policy_version"]))
+        sampler.load_state(state["sampler"])
+        set_rng_state(state["rng"])
+        before, totals, first_step = EvalResult(**state["before"]), state["totals"], state["step"] + 1
+        metrics_log = MetricsLogger(run_dir, resume_after=state["step"])  # drops rows logged after the checkpoint
+        log.info("resumed at step %d of %d", first_step, cfg.train.steps)
+
+    def save_checkpoint(step: int) -> None:
+        def write_parts(tmp: str) -> None:
+            ray.get([actor.save_state.remote(tmp)] +
+                    ([critic.save_state.remote(os.path.join(tmp, CRITIC))] if critic else []))
+        write_checkpoint(run_dir, step, write_parts, {
+            "policy_version": step, "sampler": sampler.state(), "rng": rng_state(), "totals": totals,
+            "before": dataclasses.asdict(before), "base_model": model_path}, cfg.checkpoint.keep_last)
+
+    bar = tqdm(range(first_step, cfg.train.steps + 1), desc=cfg.algorithm.advantage, disable=not progress,
+               dynamic_ncols=True, initial=first_step - 1, total=cfg.train.steps)
     for step in bar:
         times: dict[str, float] = {}
         with timer(times, "step"):
@@ -367,7 +425,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         check_bad_steps(metrics, step, cfg)  # before a checkpoint: a diverging run is not saved as resumable
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != cfg.train.steps:
             with stage(times, "checkpoint"):
-                _save_periodic(actor, run_dir, step, cfg.checkpoint.keep_last)
+                save_checkpoint(step)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", len=f"{metrics['response/length_mean']:.0f}",
                         s=f"{times['time/step']:.1f}")
 
@@ -398,6 +456,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         "rl_samples_per_s": totals["samples"] / max(totals["seconds"], 1e-9),
         "rl_tokens_per_s": totals["tokens"] / max(totals["seconds"], 1e-9),
         "total_seconds": time.time() - t_start,
+        "resumed_from": checkpoint,
         "final_checkpoint": final_dir,
         "examples_after": after.examples,
     }
@@ -567,18 +626,27 @@ def check_bad_steps(metrics: dict[str, float], step: int, cfg: Config) -> None:
                 f"advantages in metrics.jsonl")
 
 
-def periodic_checkpoints(run_dir: str) -> list[str]:
-    """Paths of the run's complete periodic checkpoints (`checkpoints/step_NNNNNN`), oldest first; a save in
-    progress (`.tmp`) or being replaced (`.old`) is not one."""
-    root = os.path.join(run_dir, "checkpoints")
-    names = sorted(d for d in os.listdir(root) if d.startswith("step_") and "." not in d) if os.path.isdir(root) else []
-    return [os.path.join(root, d) for d in names]
+def _warn_config_changes(cfg: Config, saved_path: str) -> None:
+    """Logs the settings in which `cfg` differs from the run's saved config.yaml (a resumed run then continues
+    under changed settings and will not match a straight run)."""
+    from m2flow.config import config_to_dict, load_config
 
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
 
-def _save_periodic(actor, run_dir: str, step: int, keep_last: int) -> None:
-    ray.get(actor.save_checkpoint.remote(os.path.join(run_dir, "checkpoints", f"step_{step:06d}")))
-    for old in periodic_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        old = flat(config_to_dict(load_config(saved_path)))
+    except Exception as e:  # noqa: BLE001 (an unreadable old config only loses this warning)
+        log.warning("could not compare with %s: %s", saved_path, e)
+        return
+    new = flat(config_to_dict(cfg))
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if k != "resume" and old.get(k) != new.get(k)]
+    if changed:
+        log.warning("resuming with settings changed from %s (the run will not match a straight run): %s",
+                    saved_path, "; ".join(changed))
 
 
 def _log_to_file(path: str) -> None:

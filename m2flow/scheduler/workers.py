@@ -9,7 +9,7 @@ from m2flow.config import Config
 from m2flow.rollout import Engine, EngineConfig, GenerateStats, HFEngine, Sample, SamplingParams
 from m2flow.training.actor import Actor
 from m2flow.training.critic import Critic, load_value_model
-from m2flow.training.checkpoint import load_hf_model, save_hf_checkpoint
+from m2flow.training.checkpoint import load_hf_model, load_trainer, save_hf_checkpoint, save_trainer
 from m2flow.training.forward import batch_logprobs
 
 
@@ -68,6 +68,13 @@ class ActorWorker:
     def save_checkpoint(self, path: str) -> str:
         return save_hf_checkpoint(path, self.actor.hf_config, self.actor.state_dict(), self.tokenizer)
 
+    def save_state(self, path: str) -> None:
+        """The policy as an HF checkpoint in directory `path`, plus the trainer's state (optimizer, LR schedule, RNG)."""
+        save_trainer(path, self.actor, self.tokenizer)
+
+    def load_state(self, path: str) -> None:
+        load_trainer(path, self.actor)
+
 
 class ReferenceWorker:
     """The frozen starting policy, for the KL term (created only when algorithm.kl_coef > 0)."""
@@ -95,3 +102,10 @@ class CriticWorker:
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         return self.critic.update(batch)
+
+    def save_state(self, path: str) -> None:
+        """The value model (HF token-classification format) and its optimizer, LR schedule and RNG, in `path`."""
+        save_trainer(path, self.critic)
+
+    def load_state(self, path: str) -> None:
+        load_trainer(path, self.critic)
