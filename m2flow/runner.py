@@ -63,7 +63,7 @@ from m2flow.resume import (
     write_checkpoint,
 )
 from m2flow.rollout import SamplingParams
-from m2flow.scheduler.cluster import launch, start_ray
+from m2flow.scheduler.cluster import launch, start_ray, stop_ray
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker
 from m2flow.training.warm_start import ensure_base_model
 
@@ -306,7 +306,7 @@ def run(cfg: Config, progress: bool = True) -> dict:
     finally:  # a crashed worker surfaces as its exception here; the last checkpoint was written atomically
         pool.close()
         if started_ray:
-            ray.shutdown()
+            stop_ray()
 
 
 def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Task, resources: dict,

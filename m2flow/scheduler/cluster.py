@@ -5,7 +5,8 @@ uses all of the node's cores while it runs (on CPU: torch threads = the node's C
 
 A locally started Ray runs without authentication (RAY_AUTH_MODE=disabled), so it listens on the loopback
 interface only: its node IP is 127.0.0.1, and Ray binds the GCS, raylet, object manager and worker ports to
-the node IP. `cluster.listen_all=true` keeps Ray's default (all interfaces) and warns.
+the node IP. `cluster.listen_all=true` keeps Ray's default (all interfaces) and warns. Its processes do not
+outlive the driver, even one killed with SIGKILL (scheduler/orphans.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from contextlib import contextmanager
 import ray
 
 from m2flow.config import ClusterConfig
+from m2flow.scheduler.orphans import OrphanGuard, guard_new_children
 
 log = logging.getLogger(__name__)
+_guard: OrphanGuard | None = None  # over the processes of the Ray that start_ray started here
 
 
 def start_ray(cfg: ClusterConfig) -> dict:
@@ -33,10 +36,23 @@ def start_ray(cfg: ClusterConfig) -> dict:
             log.warning("cluster.listen_all=true: Ray listens on all network interfaces without authentication; "
                         "anyone who can reach this machine's ports can run code on it")
         with loopback_only(cfg.address is None and not cfg.listen_all):
-            ray.init(**kwargs)
+            global _guard
+            if cfg.address is None:  # a local Ray: its processes must not outlive a killed driver
+                _guard = guard_new_children(lambda: ray.init(**kwargs))
+            else:
+                ray.init(**kwargs)
     resources = ray.cluster_resources()
     log.info("ray cluster resources: %s", resources)
     return resources
+
+
+def stop_ray() -> None:
+    """`ray.shutdown()`, then make sure nothing of a locally started Ray is left running."""
+    global _guard
+    ray.shutdown()
+    if _guard is not None:
+        _guard.close()
+        _guard = None
 
 
 @contextmanager
