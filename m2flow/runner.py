@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import time
 from contextlib import contextmanager
@@ -223,8 +224,11 @@ def _worker_name(e: BaseException) -> str:
     if isinstance(e, ray.exceptions.RayTaskError):
         title = (e.proctitle or e.function_name or "a Ray worker").removeprefix("ray::")
         return f"{title} (pid {e.pid})" if e.pid else title
-    if isinstance(e, ray.exceptions.RayActorError):
-        return "a Ray actor that died" + (f" ({e.actor_id})" if getattr(e, "actor_id", None) else "")
+    if isinstance(e, ray.exceptions.RayActorError):  # its process died: killed (OOM killer, kill -9) or crashed
+        fields = dict(re.findall(r"^\s*(class_name|pid): (\S+)$", str(e), re.MULTILINE))
+        if "class_name" in fields:
+            return f"{fields['class_name']} (pid {fields.get('pid', '?')}), whose process died"
+        return "a Ray actor whose process died" + (f" ({e.actor_id})" if getattr(e, "actor_id", None) else "")
     if isinstance(e, RewardError):
         return "a reward worker process"
     return "the driver"

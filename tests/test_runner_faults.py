@@ -78,3 +78,50 @@ def test_failing_reward_worker_stops_the_run(tmp_path, capsys):
     (run_dir,) = os.listdir(tmp_path / "runs")
     status = json.loads((tmp_path / "runs" / run_dir / "status.json").read_text())
     assert status["status"] == "failed" and status["stage"] == "reward"
+
+
+_kill_calls = [0]
+
+
+def reward_killing_the_trainer(response: str, ground_truth: str, **_options) -> float:
+    """Scores the held-out evaluation, then kills the trainer's Ray worker with SIGKILL (as the OOM killer would)
+    at the first training reward: the next stage that needs it finds it dead."""
+    import signal
+
+    _kill_calls[0] += 1
+    if _kill_calls[0] == EVAL_PROBLEMS + 1:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if open(f"/proc/{pid}/comm").read().startswith("ray::ActorWorke"):
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+    return 0.0
+
+
+if "faults_killing" not in REWARDS:
+    register_reward("faults_killing")(reward_killing_the_trainer)
+
+
+def test_killed_trainer_worker_stops_the_run(tmp_path, capsys):
+    """A worker killed (not raising) mid-run: the run stops with one line naming the stage and the dead worker,
+    exit 1, status.json says failed; the Ray processes are gone afterwards (no orphans)."""
+    from m2flow.cli import main
+    from m2flow.scheduler.orphans import descendants
+
+    micro = ["base.hidden_size=32", "base.num_layers=2", "base.num_heads=4", "base.num_kv_heads=2",
+             "base.intermediate_size=64", "base.sft_examples=32", "base.sft_steps=2", "base.sft_batch_size=16",
+             "data.synthetic_train_size=32", "data.synthetic_eval_size=8", f"eval.num_problems={EVAL_PROBLEMS}",
+             "eval.max_new_tokens=8", "rollout.max_new_tokens=8", "rollout.n=2", "train.prompts_per_step=2",
+             "train.micro_batch_size=4", "train.steps=2", "cluster.num_cpus=2", "reward.workers=1",
+             "reward.name=faults_killing", f"output_dir={tmp_path / 'runs'}", f"base.cache_dir={tmp_path / 'cache'}"]
+    before = set(descendants(os.getpid()))
+    assert main(["train", *micro, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("m2flow: run failed:"))
+    # the first stage that needs the trainer after the kill (rewards are all 0: no informative group to train on)
+    assert "stage 'checkpoint' failed in ActorWorker (pid " in line and "whose process died: ActorDiedError" in line
+    (run_dir,) = os.listdir(tmp_path / "runs")
+    status = json.loads((tmp_path / "runs" / run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["stage"] == "checkpoint"
+    assert set(descendants(os.getpid())) <= before  # Ray and the reward workers are gone
