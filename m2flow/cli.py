@@ -22,6 +22,12 @@ generating exactly --new-tokens tokens per sequence, at each batch size. Prints 
 on GPU the decode step against the memory-bandwidth bound) and writes benchmarks/results/rollout-<device>-<preset>.json."""
 
 
+BENCH_SOAK_HELP = """Soak: many small RL iterations of a micro model (evaluation and periodic checkpoints on) while the
+memory (RSS), open file descriptors and process count of the driver and every process it started are sampled
+each second; prints them at 25%, 50% and 100% of the run and their growth per 100 steps, and writes
+soak.json, soak.md and soak.png. A leak shows as growth."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m2flow", description="RL post-training of LLMs for reasoning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="also profile one decode step per batch size (kernels or ops per step, device busy time, "
                         "top ops; written beside the result)")
     b.add_argument("--tag", default="", help="appended to the result file's name (keeps runs apart)")
+    soak = bench_sub.add_parser("soak", help=BENCH_SOAK_HELP.split("\n")[0], description=BENCH_SOAK_HELP)
+    soak.add_argument("--steps", type=int, default=300, help="RL steps of the micro experiment (default: 300)")
+    soak.add_argument("--out-dir", default="benchmarks/results", help="where soak-<time>/ goes")
+    soak.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    soak.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides of the micro experiment")
     args = parser.parse_args(argv)
     for key, value in {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
                        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "disabled"}.items():
@@ -149,6 +160,13 @@ def _demo_seeds(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.target == "soak":
+        from m2flow.bench.soak import run_soak
+
+        result = run_soak(args.steps, args.overrides, args.out_dir, progress=not args.no_progress)
+        print(f"\n{result['cpu']}, {result['cores']} cores, {args.steps} steps in {result['rl_seconds']:.0f} s\n\n"
+              f"{result['table']}\n\nwrote {result['path']}/soak.json, soak.md and soak.png")
+        return 0
     import torch
 
     from m2flow.bench.rollout import run_benchmark
