@@ -45,7 +45,7 @@ def load_problems(path: str, prompt_key: str = "question", answer_key: str = "an
         raise DataError(f"unsupported dataset file {path}: expected one of {', '.join(SUFFIXES)}")
     if not os.path.isfile(path):
         raise DataError(f"dataset file not found: {path}")
-    rows = _jsonl_rows(path) if path.endswith(".jsonl") else _parquet_rows(path)
+    rows = read_rows(path)
     problems, bad = [], []
     for where, row in rows:
         try:
@@ -73,6 +73,13 @@ def save_problems(problems: Iterable[Problem], path: str) -> None:
             row["solution"] = p.solution
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     atomic_write_text(path, "".join(lines))
+
+
+def read_rows(path: str) -> Iterator[tuple[str, Any]]:
+    """`(place, row)` for every row of a `.jsonl` or `.parquet` file, place as in error reports (`file:line`,
+    `file row N`); a jsonl line that is not valid JSON comes as a BadRowError in place of its row."""
+    path = os.fspath(path)
+    return _jsonl_rows(path) if path.endswith(".jsonl") else _parquet_rows(path)
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
