@@ -129,7 +129,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm
     mini_batches: int = 1  # optimizer steps per iteration (the batch is split into this many)
     epochs: int = 1  # passes over the iteration's batch
-    micro_batch_size: int = 128  # sequences per forward/backward (gradient accumulation below a mini-batch)
+    micro_batch_size: int = 128  # sequences per forward/backward (gradient accumulation below a mini-batch), when not packing
+    max_tokens_per_microbatch: int = 0  # > 0: sequence packing: micro-batches of whole sequences with at most this many real tokens (a longer sequence goes alone), no padding computed; 0 = micro_batch_size padded rows
+    old_logprobs: str = "auto"  # the PPO ratio's old logprobs: rollout (the engine's, no extra pass), recompute (a trainer pass), auto (rollout when model.dtype is float32: the engine computes the trainer's distribution)
+    logprob_check_every: int = 10  # with rollout old logprobs, every k steps the trainer's logprobs are computed anyway and their gap logged (rollout/logprob_abs_diff); 0 = never
     fsdp: bool = True  # wrap the actor with FSDP2 (fully_shard) over the trainer's process group
     max_bad_steps: int = 3  # optimizer steps with a non-finite loss or gradient norm are skipped and counted (actor/skipped_steps, critic/skipped_steps); this many in a row stop the run with an error
 
@@ -183,7 +186,8 @@ class Config:
 DTYPES = ("float32", "bfloat16")  # supported model.dtype values
 PLACEMENTS = ("collocated",)  # implemented cluster.placement modes
 TEMPLATES = ("chat", "plain")  # prompt templates (m2flow.data.templates)
-BAD_ROWS = ("error", "skip")  # what data.bad_rows does with a malformed or too long row
+BAD_ROWS = ("error", "skip")
+OLD_LOGPROBS = ("auto", "rollout", "recompute")  # where train.old_logprobs come from  # what data.bad_rows does with a malformed or too long row
 ROLLOUT_BACKENDS = ("m2flow", "hf")  # implemented rollout engines
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")  # estimators that need several samples per prompt
 CRITIC_ESTIMATORS = ("gae",)  # advantage estimators computed from a critic's values (not registry entries)
@@ -242,7 +246,8 @@ def validate(cfg: Config) -> None:
     for key, value, valid in [("model.dtype", cfg.model.dtype, DTYPES),
                               ("cluster.placement", cfg.cluster.placement, PLACEMENTS),
                               ("data.template", cfg.data.template, TEMPLATES),
-                              ("data.bad_rows", cfg.data.bad_rows, BAD_ROWS)]:
+                              ("data.bad_rows", cfg.data.bad_rows, BAD_ROWS),
+                              ("train.old_logprobs", cfg.train.old_logprobs, OLD_LOGPROBS)]:
         check(value in valid, f"{key} must be one of {', '.join(valid)}; got {value!r}")
     from m2flow.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
     from m2flow.rewards import REWARDS
@@ -280,6 +285,8 @@ def _validate_ranges(cfg: Config, check) -> None:
                     "train.weight_decay": t.weight_decay, "critic.weight_decay": cfg.critic.weight_decay,
                     "algorithm.entropy_coef": cfg.algorithm.entropy_coef, "eval.every": cfg.eval.every,
                     "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
+                    "train.max_tokens_per_microbatch": t.max_tokens_per_microbatch,
+                    "train.logprob_check_every": t.logprob_check_every,
                     "base.sft_steps": b.sft_steps, "base.sft_examples": b.sft_examples}
     for key, value in non_negative.items():
         check(value >= 0, f"{key} must be >= 0, got {value}")

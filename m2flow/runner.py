@@ -346,6 +346,9 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
 
     skipped = {split: len(rows) for split, rows in task.skipped.items()}
     sampler = PromptSampler(len(task.train), cfg.seed)
+    rollout_old = old_logprobs_from_rollout(cfg)
+    log.info("old logprobs: %s", "the rollout engine's (train.old_logprobs=recompute for a trainer pass)"
+             if rollout_old else "a trainer pass")
     if checkpoint is None:
         metrics_log = MetricsLogger(run_dir)
         before = held_out_eval()
@@ -399,12 +402,19 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
             train_metrics = {}
             if len(train_batch):
                 with stage(times, "logprobs"):
-                    old_ref = actor.compute_logprobs.remote(train_batch)
+                    # the trainer's pass is skipped when the engine's logprobs are the old ones (but for a check)
+                    check = not rollout_old or (cfg.train.logprob_check_every > 0
+                                                and step % cfg.train.logprob_check_every == 0)
+                    old_ref = actor.compute_logprobs.remote(train_batch) if check else None
                     ref_ref = reference.compute_logprobs.remote(train_batch) if reference else None
                     values_ref = critic.compute_values.remote(train_batch) if critic else None
-                    train_batch.old_logprobs = ray.get(old_ref)
+                    trainer_logprobs = ray.get(old_ref) if check else None
+                    train_batch.old_logprobs = (train_batch.rollout_logprobs * train_batch.response_mask
+                                                if rollout_old else trainer_logprobs)
                     train_batch.ref_logprobs = ray.get(ref_ref) if ref_ref else None
                     train_batch.values = ray.get(values_ref) if values_ref else None
+                if trainer_logprobs is not None:  # the engine vs the trainer on the same weights
+                    train_metrics |= logprob_gap(train_batch, trainer_logprobs)
                 with stage(times, "advantage"):
                     train_metrics |= compute_advantages(train_batch, cfg)
                 if critic is not None:
@@ -587,15 +597,27 @@ def compute_advantages(batch: RolloutBatch, cfg: Config) -> dict[str, float]:
     return metrics
 
 
+def old_logprobs_from_rollout(cfg: Config) -> bool:
+    """Whether the PPO ratio's old logprobs are the engine's (train.old_logprobs; auto: when the model runs in
+    float32, so the engine computes the trainer's distribution, as rollout/logprob_abs_diff shows)."""
+    if cfg.train.old_logprobs == "auto":
+        return cfg.model.dtype == "float32"
+    return cfg.train.old_logprobs == "rollout"
+
+
+def logprob_gap(batch: RolloutBatch, trainer_logprobs: torch.Tensor) -> dict[str, float]:
+    """The engine's logprobs against the trainer's on the same weights: mean and max absolute gap per token."""
+    m = batch.response_mask
+    diff = (batch.rollout_logprobs - trainer_logprobs).abs() * m
+    return {"rollout/logprob_abs_diff": float(diff.sum() / m.sum().clamp(min=1)),
+            "rollout/logprob_max_abs_diff": float(diff.max()) if m.any() else 0.0}
+
+
 def _batch_metrics(rounds: list[Round], train_batch: RolloutBatch, cfg: Config) -> dict[str, float]:
     samples = [s for r in rounds for s in r.samples]
     raw = torch.cat([r.raw_scores for r in rounds])
     lengths = torch.cat([r.lengths for r in rounds])
     out = {"batch/informative_frac": len(train_batch) / len(samples)}
-    if train_batch.old_logprobs is not None:  # rollout engine vs trainer on the same weights
-        m = train_batch.response_mask
-        diff = (train_batch.rollout_logprobs - train_batch.old_logprobs).abs() * m
-        out["rollout/logprob_abs_diff"] = float(diff.sum() / m.sum().clamp(min=1))
     out |= {
         "reward/mean": float(raw.mean()),
         "reward/accuracy": float((raw >= 1).float().mean()),

@@ -11,6 +11,7 @@ from m2flow.training.actor import Actor
 from m2flow.training.critic import Critic, load_value_model
 from m2flow.training.checkpoint import load_hf_model, load_trainer, save_hf_checkpoint, save_trainer
 from m2flow.training.forward import batch_logprobs
+from m2flow.training.packing import use_varlen_attention
 
 
 def _setup(threads: int, seed: int) -> None:
@@ -84,10 +85,12 @@ class ReferenceWorker:
         model, _ = load_hf_model(model_path, cfg.model.dtype)
         self.model = model.eval().requires_grad_(False)
         self.temperature = cfg.rollout.temperature  # token_logprobs treats 0 (greedy) as 1
-        self.micro_batch_size = cfg.train.micro_batch_size
+        self.micro_batch_size, self.max_tokens = cfg.train.micro_batch_size, cfg.train.max_tokens_per_microbatch
+        if self.max_tokens > 0:
+            use_varlen_attention(self.model)
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size)
+        return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.max_tokens)
 
 
 class CriticWorker:

@@ -14,6 +14,7 @@ from m2flow.algorithms import KL_ESTIMATORS, POLICY_LOSSES, broadcast_to_tokens,
 from m2flow.batch import RolloutBatch
 from m2flow.config import AlgorithmConfig, TrainConfig
 from m2flow.training.forward import batch_logprobs, response_logits, token_logprobs
+from m2flow.training.packing import micro_batches, use_varlen_attention
 
 
 def init_single_process_group() -> None:
@@ -62,7 +63,8 @@ def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, p
     """The update loop shared by the actor and the critic: `cfg.epochs` passes over `batch` in a seeded random
     order, `cfg.mini_batches` optimizer steps per pass, each accumulated over micro-batches of
     `cfg.micro_batch_size` whose losses are weighted by `trainer._share(mb, mini)`. `trainer` has `model`,
-    `optimizer`, `scheduler`, `bad_steps_in_a_row`, `_micro_batch_loss(mb) -> (loss, metrics)` and `_share`. Returns the metrics
+    `optimizer`, `scheduler`, `bad_steps_in_a_row`, `_micro_batches(mini)`, `_micro_batch_loss(mb) -> (loss, metrics)`
+    and `_share`. Returns the metrics
     averaged over optimizer steps, as `<prefix>/<name>`, plus `<prefix>/grad_norm` and `<prefix>/lr`.
 
     A step whose loss or gradient norm is not finite is skipped (no weight or schedule change) and counted:
@@ -77,7 +79,7 @@ def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, p
         for mini in batch.select(order).split(-(-len(batch) // cfg.mini_batches)):
             trainer.optimizer.zero_grad(set_to_none=True)
             finite = True
-            for mb in mini.split(cfg.micro_batch_size):
+            for _, mb in trainer._micro_batches(mini):
                 loss, metrics = trainer._micro_batch_loss(mb)
                 share = trainer._share(mb, mini)
                 finite &= bool(torch.isfinite(loss.detach()))
@@ -109,6 +111,9 @@ class Actor:
         self.train_cfg, self.algo = train, algorithm
         self.temperature = temperature  # token_logprobs treats 0 (greedy) as 1
         self.hf_config = model.config
+        self.packed = train.max_tokens_per_microbatch > 0
+        if self.packed:
+            use_varlen_attention(model)
         self.model = apply_fsdp(model) if train.fsdp else model
         self.optimizer, self.scheduler = make_optimizer(self.model, train.lr, train.weight_decay, train.warmup_steps)
         self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)
@@ -121,12 +126,16 @@ class Actor:
                              if v is not None}
 
     def _logits(self, mb: RolloutBatch) -> torch.Tensor:
-        return response_logits(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1])
+        return response_logits(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], self.packed)
+
+    def _micro_batches(self, mini: RolloutBatch) -> list[tuple[torch.Tensor, RolloutBatch]]:
+        return micro_batches(mini, self.train_cfg.micro_batch_size, self.train_cfg.max_tokens_per_microbatch)
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """Logprobs of the response tokens under the current weights: [B, T]."""
         self.model.eval()
-        return batch_logprobs(self.model, batch, self.temperature, self.train_cfg.micro_batch_size)
+        return batch_logprobs(self.model, batch, self.temperature, self.train_cfg.micro_batch_size,
+                              self.train_cfg.max_tokens_per_microbatch)
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """`epochs` passes over the batch in `mini_batches` optimizer steps, each accumulated over

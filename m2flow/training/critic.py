@@ -11,6 +11,7 @@ from m2flow.algorithms import value_loss
 from m2flow.batch import RolloutBatch
 from m2flow.config import AlgorithmConfig, CriticConfig, TrainConfig
 from m2flow.training.actor import apply_fsdp, full_state_dict, make_optimizer, optimize
+from m2flow.training.packing import micro_batches
 from m2flow.training.forward import response_logits
 
 
@@ -50,6 +51,9 @@ class Critic:
         self.optimizer, self.scheduler = make_optimizer(self.model, critic.lr, critic.weight_decay,
                                                         critic.warmup_steps)
         self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)
+
+    def _micro_batches(self, mini: RolloutBatch) -> list[tuple[torch.Tensor, RolloutBatch]]:
+        return micro_batches(mini, self.train_cfg.micro_batch_size)  # padded rows (the value head is not packed)
 
     def _values(self, mb: RolloutBatch) -> torch.Tensor:
         return response_values(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1])

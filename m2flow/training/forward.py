@@ -10,15 +10,24 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
-    """Logits that predict the last `response_len` tokens of each row: [B, T, V]."""
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                    packed: bool = False) -> torch.Tensor:
+    """Logits that predict the last `response_len` tokens of each row: [B, T, V]. A causal LM computes its LM
+    head only there. `packed`: no padding computed (training/packing.py; the model must use varlen attention);
+    rows without a response token in a column get zeros there."""
+    if packed:
+        from m2flow.training.packing import packed_response_logits
+
+        return packed_response_logits(model, input_ids, attention_mask, response_len)
+    keep = {"logits_to_keep": response_len + 1} if hasattr(model, "lm_head") else {}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
+        **keep,
     )
-    width = input_ids.shape[1]
+    width = out.logits.shape[1]  # response_len + 1 with an LM head's logits_to_keep, else the whole row
     return out.logits[:, width - response_len - 1 : width - 1, :].float()
 
 
@@ -31,11 +40,13 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 @torch.no_grad()
-def batch_logprobs(model, batch, temperature: float, micro_batch_size: int) -> torch.Tensor:
-    """Logprobs of a RolloutBatch's response tokens, micro-batched; 0 off the response mask: [B, T]."""
-    out = [
-        token_logprobs(response_logits(model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1]),
-                       mb.input_ids[:, mb.prompt_width :], temperature)
-        for mb in batch.split(micro_batch_size)
-    ]
-    return torch.cat(out) * batch.response_mask
+def batch_logprobs(model, batch, temperature: float, micro_batch_size: int, max_tokens: int = 0) -> torch.Tensor:
+    """Logprobs of a RolloutBatch's response tokens, micro-batched (packed with `max_tokens` > 0); 0 off the
+    response mask: [B, T]."""
+    from m2flow.training.packing import micro_batches
+
+    out = torch.zeros_like(batch.response_mask)
+    for rows, mb in micro_batches(batch, micro_batch_size, max_tokens):
+        logits = response_logits(model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], max_tokens > 0)
+        out[rows] = token_logprobs(logits, mb.input_ids[:, mb.prompt_width :], temperature)
+    return out * batch.response_mask

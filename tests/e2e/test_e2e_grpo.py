@@ -32,6 +32,7 @@ MICRO = [
     "train.micro_batch_size=8", "train.mini_batches=2", "train.lr=1e-3", "train.steps=3",
     "checkpoint.every=1", "checkpoint.keep_last=1", "cluster.num_cpus=2",
     "reward.name=e2e_has_digit", "rollout.sleep_between_steps=true",  # KV cache freed and re-made every step
+    "train.max_tokens_per_microbatch=96", "train.logprob_check_every=1",  # packed; the engine's old logprobs checked
 ]
 
 
