@@ -28,6 +28,13 @@ each second; prints them at 25%, 50% and 100% of the run and their growth per 10
 soak.json, soak.md and soak.png. A leak shows as growth."""
 
 
+EVAL_HELP = """Evaluates HF model directories on benchmarks with k samples per problem through m2flow's engine and
+prints the table in the published format (model rows, benchmark columns, an average column; cells avg@k in
+percent), then pass@k and maj@k. Writes table.csv, table.md, table.json, table.png and results.jsonl (every
+sample, its extracted answer and verdict) to --out-dir; the same command with the same --out-dir resumes,
+skipping problems already scored. Benchmarks, the files they read and the metrics: docs/eval.md."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m2flow", description="RL post-training of LLMs for reasoning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +88,37 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--out-dir", default="benchmarks/results", help="where soak-<time>/ goes")
     soak.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     soak.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides of the micro experiment")
+    e = sub.add_parser("eval", help=EVAL_HELP.split("\n")[0], description=EVAL_HELP)
+    e.add_argument("--models", nargs="+", required=True, metavar="[NAME=]PATH",
+                   help="HF model directories (config.json, *.safetensors, tokenizer); NAME= sets the table's row "
+                        "label (default: the path as given)")
+    e.add_argument("--benchmarks", default="synthetic_math,synthetic_mc",
+                   help="comma-separated benchmark names: aime24, aime25, gpqa_diamond, math500, gsm8k, amc23 (read "
+                        "from --data-dir), synthetic_math, synthetic_mc (built in) (default: synthetic_math,synthetic_mc)")
+    e.add_argument("--k", type=int, default=8, help="samples per problem: avg@k, pass@k and maj@k over them (default: 8)")
+    e.add_argument("--data-dir", default="",
+                   help="directory holding the benchmark files, <name>.jsonl, .parquet or .csv (fields: docs/eval.md)")
+    e.add_argument("--greedy", action="store_true",
+                   help="greedy decoding, one sample per problem (k=1, temperature 0; --k, --temperature and "
+                        "--top-p are ignored)")
+    e.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default: 0.6)")
+    e.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default: 0.95)")
+    e.add_argument("--max-new-tokens", type=int, default=32768,
+                   help="response length cap; prompt + response are also capped by the model's "
+                        "max_position_embeddings (default: 32768)")
+    e.add_argument("--num-problems", type=int, default=0,
+                   help="evaluate only the first N problems of each benchmark (default 0: all)")
+    e.add_argument("--out-dir", default="",
+                   help="where the table and results.jsonl go; an existing one is resumed (default: runs/eval-<time>)")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    e.add_argument("--template", default="chat", choices=["chat", "plain"],
+                   help="prompt: the tokenizer's chat template around the question, or the question as is "
+                        "(default: chat, as the demo trains)")
+    e.add_argument("--batch-size", type=int, default=512,
+                   help="sequences generated together, batch-size // k problems per batch (default: 512)")
+    e.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    e.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     args = parser.parse_args(argv)
     for key, value in {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
                        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "disabled"}.items():
@@ -92,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "bench":  # needs only torch and transformers (runs on a bare GPU machine)
         return _bench(args)
+    if args.command == "eval":
+        return _eval(args)
     from m2flow.config import ConfigError, load_config
 
     if getattr(args, "seeds", ""):
@@ -185,6 +225,37 @@ def _bench(args) -> int:
                            cuda_graphs=not args.no_cuda_graphs, kernels=args.kernels, compile=args.compile,
                            profile=args.profile, tag=args.tag)
     print(f"wrote {result['path']}")
+    return 0
+
+
+def _eval(args) -> int:
+    import time
+
+    from m2flow.data.datasets import DataError
+    from m2flow.eval.benchmarks import load_benchmark
+    from m2flow.eval.run import EvalError, ModelSpec, Protocol, print_table, run_eval
+
+    options = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, template=args.template,
+                   batch_size=args.batch_size)
+    out_dir = args.out_dir or os.path.join("runs", f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        protocol = (Protocol.greedy(**options) if args.greedy else
+                    Protocol(k=args.k, temperature=args.temperature, top_p=args.top_p, **options))
+        models = [ModelSpec.parse(m) for m in args.models]
+        try:
+            benchmarks = [load_benchmark(name.strip(), args.data_dir, args.num_problems)
+                          for name in args.benchmarks.split(",") if name.strip()]
+        except KeyError as e:  # an unknown name: the message lists the valid ones
+            raise EvalError(e.args[0]) from None
+        report = run_eval(models, benchmarks, protocol, out_dir, progress=not args.no_progress,
+                          device=args.device, dtype=args.dtype)
+    except (EvalError, DataError) as e:
+        print(f"m2flow eval: {e}", file=sys.stderr)
+        return 2
+    print_table(report.table)
+    print(f"\n{report.new_samples} samples generated now, {report.skipped_problems} problem(s) found already "
+          f"scored; wrote {', '.join(os.path.basename(p) for p in report.paths)} and results.jsonl to {out_dir} "
+          f"(the same command with --out-dir {out_dir} resumes)")
     return 0
 
 

@@ -108,3 +108,59 @@ def test_results_file_cuts_a_truncated_line(tmp_path) -> None:
     assert results.done("m", "b", "0", 1) and not results.done("m", "b", "0", 2)
     assert path.read_text() == json.dumps(row) + "\n"
 
+
+
+def test_eval_greedy_gives_the_accuracy_of_the_runners_evaluation(tmp_path, model_dir) -> None:
+    """`m2flow eval --greedy` on synthetic_math == m2flow.eval.evaluate as the training runner calls it (its
+    held-out problems, prompts, rollout worker and greedy sampling), response by response."""
+    from m2flow.cli import main
+    from m2flow.config import load_config
+    from m2flow.data.templates import format_prompt
+    from m2flow.eval import evaluate
+    from m2flow.rollout import SamplingParams
+    from m2flow.runner import load_task
+    from m2flow.scheduler.workers import RolloutWorker
+
+    cfg = load_config(None, ["eval.num_problems=16", "eval.max_new_tokens=16"])
+    held_out = load_task(cfg).held_out[: cfg.eval.num_problems]
+    worker = RolloutWorker(model_dir, cfg, threads=1)
+    prompts = [format_prompt(p.question, worker.engine.tokenizer, cfg.data.template) for p in held_out]
+    greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
+    expected = evaluate(worker.generate, held_out, prompts, greedy, num_examples=len(held_out))
+    assert 0 < expected.accuracy < 1  # the micro model gets some right, so the comparison means something
+
+    out = tmp_path / "out"
+    assert main(["eval", "--models", f"micro={model_dir}", "--benchmarks", "synthetic_math", "--greedy",
+                 "--num-problems", "16", "--max-new-tokens", "16", "--out-dir", str(out), "--no-progress"]) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert table["table"]["avg"]["micro"]["synthetic_math"] == expected.accuracy
+    assert table["cells"]["micro"]["synthetic_math"]["problems"] == 16
+    rows = sorted(read_rows(out), key=lambda r: int(r["problem_id"]))
+    assert [r["response"] for r in rows] == [e["response"] for e in expected.examples]
+    assert [r["correct"] for r in rows] == [e["correct"] for e in expected.examples]
+    assert (out / "table.csv").read_text().splitlines()[1] == f"micro,{100 * expected.accuracy:.2f},{100 * expected.accuracy:.2f}"
+
+
+def test_cli_errors(tmp_path, model_dir, capsys) -> None:
+    from m2flow.cli import main
+
+    assert main(["eval", "--models", model_dir, "--benchmarks", "aime24", "--out-dir", str(tmp_path)]) == 2
+    assert "m2flow eval: benchmark 'aime24' is read from a file: give --data-dir" in capsys.readouterr().err
+    assert main(["eval", "--models", model_dir, "--benchmarks", "aime2", "--out-dir", str(tmp_path)]) == 2
+    assert "unknown benchmark 'aime2'; valid names: aime24" in capsys.readouterr().err
+    assert main(["eval", "--models", str(tmp_path), "--out-dir", str(tmp_path)]) == 2
+    assert "not an HF model directory" in capsys.readouterr().err
+
+
+def test_help_names_every_benchmark(capsys) -> None:
+    from m2flow.cli import main
+    from m2flow.eval.benchmarks import BENCHMARKS
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in BENCHMARKS:
+        assert name in text
+    for option in ("--models", "--benchmarks", "--k", "--data-dir", "--greedy", "--temperature", "--top-p",
+                   "--max-new-tokens", "--num-problems", "--out-dir"):
+        assert option in text
