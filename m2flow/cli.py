@@ -22,6 +22,11 @@ generating exactly --new-tokens tokens per sequence, at each batch size. Prints 
 on GPU the decode step against the memory-bandwidth bound) and writes benchmarks/results/rollout-<device>-<preset>.json."""
 
 
+BENCH_TRAIN_HELP = """Trainer throughput on the demo's workload: one real step's rollout batch (the base model's samples
+for train.prompts_per_step prompts, scored, GRPO advantages), then the old-logprob pass and the update timed on a
+fresh copy of the model with padded micro-batches and with sequence packing at each --budgets value. Prints
+seconds, update tokens/s (real tokens) and speed-ups against padded micro-batches, measured in the same run."""
+
 BENCH_SOAK_HELP = """Soak: many small RL iterations of a micro model (evaluation and periodic checkpoints on) while the
 memory (RSS), open file descriptors and process count of the driver and every process it started are sampled
 each second; prints them at 25%, 50% and 100% of the run and their growth per 100 steps, and writes
@@ -83,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="also profile one decode step per batch size (kernels or ops per step, device busy time, "
                         "top ops; written beside the result)")
     b.add_argument("--tag", default="", help="appended to the result file's name (keeps runs apart)")
+    bt = bench_sub.add_parser("train", help=BENCH_TRAIN_HELP.split("\n")[0], description=BENCH_TRAIN_HELP)
+    bt.add_argument("--budgets", default="2048,4096,8192",
+                    help="packed variants: train.max_tokens_per_microbatch values (default: 2048,4096,8192)")
+    bt.add_argument("--repeats", type=int, default=3, help="runs per variant, the median is reported (default: 3)")
+    bt.add_argument("--model", default="", help="an HF model directory (default: the demo's base model, built if missing)")
+    bt.add_argument("--out-dir", default="benchmarks/results", help="where the JSON result goes")
+    bt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. train.micro_batch_size=64)")
     soak = bench_sub.add_parser("soak", help=BENCH_SOAK_HELP.split("\n")[0], description=BENCH_SOAK_HELP)
     soak.add_argument("--steps", type=int, default=300, help="RL steps of the micro experiment (default: 300)")
     soak.add_argument("--out-dir", default="benchmarks/results", help="where soak-<time>/ goes")
@@ -199,7 +211,41 @@ def _demo_seeds(args) -> int:
     return 0
 
 
+def _bench_train(args) -> int:
+    import torch
+
+    from m2flow.bench.train import format_table, run_train_benchmark
+    from m2flow.config import ConfigError, load_config
+    from m2flow.data.templates import format_prompt
+    from m2flow.runner import base_config, load_task
+    from m2flow.training.warm_start import ensure_base_model
+    from transformers import AutoTokenizer
+
+    try:
+        cfg = load_config(None, args.overrides)
+    except ConfigError as e:
+        print(f"m2flow: config error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(cfg.cluster.num_cpus or os.cpu_count())
+    task = load_task(cfg)
+    model_path = args.model or cfg.model.path or ensure_base_model(
+        base_config(cfg), task.sft, task.held_out[: cfg.eval.num_problems], cfg.data.template,
+        cfg.eval.max_new_tokens)[0]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    problems = task.train[: cfg.train.prompts_per_step]
+    prompts = [format_prompt(p.question, tokenizer, cfg.data.template) for p in problems]
+    budgets = [int(x) for x in args.budgets.split(",") if x.strip()]
+    result = run_train_benchmark(cfg, model_path, prompts, [p.answer for p in problems], budgets, args.repeats,
+                                 args.out_dir)
+    print(f"\nm2flow bench train: {result['cpu']}, {result['threads']} threads, {model_path}\n")
+    print(format_table(result))
+    print(f"\nwrote {result['path']}")
+    return 0
+
+
 def _bench(args) -> int:
+    if args.target == "train":
+        return _bench_train(args)
     if args.target == "soak":
         from m2flow.bench.soak import run_soak
 

@@ -130,7 +130,7 @@ class TrainConfig:
     mini_batches: int = 1  # optimizer steps per iteration (the batch is split into this many)
     epochs: int = 1  # passes over the iteration's batch
     micro_batch_size: int = 128  # sequences per forward/backward (gradient accumulation below a mini-batch), when not packing
-    max_tokens_per_microbatch: int = 0  # > 0: sequence packing: micro-batches of whole sequences with at most this many real tokens (a longer sequence goes alone), no padding computed; 0 = micro_batch_size padded rows
+    max_tokens_per_microbatch: int = 4096  # sequence packing: micro-batches of whole sequences with at most this many real tokens (a longer sequence goes alone), no padding computed; 0 = micro_batch_size padded rows
     old_logprobs: str = "auto"  # the PPO ratio's old logprobs: rollout (the engine's, no extra pass), recompute (a trainer pass), auto (rollout when model.dtype is float32: the engine computes the trainer's distribution)
     logprob_check_every: int = 10  # with rollout old logprobs, every k steps the trainer's logprobs are computed anyway and their gap logged (rollout/logprob_abs_diff); 0 = never
     fsdp: bool = True  # wrap the actor with FSDP2 (fully_shard) over the trainer's process group

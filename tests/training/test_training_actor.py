@@ -39,7 +39,7 @@ def rollout(base_model, tokenizer, chat_prompts):
 
 
 def _actor(model, **train) -> Actor:
-    train = {"fsdp": False, "lr": LR, **train}
+    train = {"fsdp": False, "lr": LR, "max_tokens_per_microbatch": 0, **train}  # padded micro-batches unless asked
     return Actor(model, TrainConfig(**train), AlgorithmConfig())
 
 
@@ -142,7 +142,7 @@ def test_gradient_accumulation_matches_one_micro_batch(base_model, rollout, micr
 @pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "seq-mean-token-sum"])
 def test_gradient_accumulation_sequence_mean_aggregations(base_model, rollout, loss_agg):
     def run(mbs):
-        actor = Actor(copy.deepcopy(base_model), TrainConfig(fsdp=False, lr=LR, micro_batch_size=mbs),
+        actor = Actor(copy.deepcopy(base_model), TrainConfig(fsdp=False, lr=LR, micro_batch_size=mbs, max_tokens_per_microbatch=0),
                       AlgorithmConfig(loss_agg=loss_agg))
         actor.update(_prepared(actor, rollout))
         return _grads(actor)

@@ -1,0 +1,108 @@
+"""The trainer benchmark (`m2flow bench train`): the trainer's share of an RL step on the demo's workload,
+padded micro-batches against packed ones, measured in the same run.
+
+The workload is one real step of the demo: the base model samples `rollout.n` responses to
+`train.prompts_per_step` training prompts (m2flow's engine, the config's sampling), math_reward scores them and
+GRPO gives advantages. Each variant then runs, on a fresh copy of the base model, the old-logprob pass and the
+update (one optimizer step) over that same batch; the median of `repeats` runs is reported, with tokens per
+second counting real tokens (prompt + response, no padding) so the variants compare on the same work. On a
+shared machine, run it alone: other processes on the cores show up as slow variants.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from m2flow.algorithms import grpo_advantages
+from m2flow.batch import RolloutBatch
+from m2flow.config import Config
+from m2flow.io import atomic_write_text
+
+
+def demo_workload(cfg: Config, model_path: str, prompts: list[str], answers: list[str]) -> RolloutBatch:
+    """One step's scored rollout batch with GRPO advantages."""
+    from m2flow.rewards import math_reward
+    from m2flow.rollout import Engine, EngineConfig, SamplingParams
+
+    engine = Engine.from_pretrained(model_path, EngineConfig(max_num_seqs=cfg.rollout.batch_size), dtype=cfg.model.dtype)
+    r = cfg.rollout
+    params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                            max_new_tokens=r.max_new_tokens, seed=cfg.seed)
+    samples = engine.generate(prompts, params)
+    tokenizer = engine.tokenizer
+    batch = RolloutBatch.from_samples(samples, tokenizer.pad_token_id)
+    batch.scores = torch.tensor([math_reward(s.text, answers[s.prompt_index]) for s in samples])
+    batch.advantages = grpo_advantages(batch.scores, batch.group_ids)
+    return batch
+
+
+def time_variant(model, batch: RolloutBatch, cfg: Config, repeats: int, **train) -> dict:
+    """Median seconds of the old-logprob pass and of the update for a fresh Actor per repeat (after one
+    untimed warm-up run: allocator and thread pools)."""
+    from m2flow.training.actor import Actor
+
+    train_cfg = dataclasses.replace(cfg.train, **train)
+    logprob_s, update_s = [], []
+    for i in range(repeats + 1):
+        actor = Actor(copy.deepcopy(model), train_cfg, cfg.algorithm, temperature=cfg.rollout.temperature)
+        b = copy.deepcopy(batch)
+        start = time.perf_counter()
+        b.old_logprobs = actor.compute_logprobs(b)
+        logprobs_time = time.perf_counter() - start
+        start = time.perf_counter()
+        actor.update(b)
+        if i > 0:
+            logprob_s.append(logprobs_time)
+            update_s.append(time.perf_counter() - start)
+    return {"logprobs_s": statistics.median(logprob_s), "update_s": statistics.median(update_s)}
+
+
+def run_train_benchmark(cfg: Config, model_path: str, prompts: list[str], answers: list[str],
+                        budgets: list[int], repeats: int, out_dir: str) -> dict:
+    from m2flow.bench.learning import cpu_model
+    from m2flow.training.checkpoint import load_hf_model
+
+    batch = demo_workload(cfg, model_path, prompts, answers)
+    model, _ = load_hf_model(model_path, cfg.model.dtype)
+    real = int(batch.attention_mask.sum())
+    padded = batch.input_ids.numel()
+    variants = {f"padded, micro_batch_size={cfg.train.micro_batch_size}":
+                time_variant(model, batch, cfg, repeats, max_tokens_per_microbatch=0)}
+    for budget in budgets:
+        variants[f"packed, max_tokens_per_microbatch={budget}"] = time_variant(
+            model, batch, cfg, repeats, max_tokens_per_microbatch=budget)
+    base = next(iter(variants.values()))
+    rows = []
+    for name, v in variants.items():
+        recompute = v["logprobs_s"] + v["update_s"]
+        rows.append({"variant": name, **v, "trainer_s_recompute": recompute, "trainer_s_rollout_old": v["update_s"],
+                     "update_tokens_per_s": real / v["update_s"],
+                     "speedup_update": base["update_s"] / v["update_s"],
+                     "speedup_step_vs_padded_recompute": (base["logprobs_s"] + base["update_s"]) / v["update_s"]})
+    result = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "model": model_path,
+              "sequences": len(batch), "real_tokens": real, "padded_tokens": padded,
+              "padding_fraction": 1 - real / padded, "repeats": repeats, "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"train-cpu-{os.cpu_count()}cores.json")
+    atomic_write_text(path, json.dumps(result, indent=2))
+    result["path"] = path
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['sequences']} sequences, {result['real_tokens']} real tokens "
+             f"({result['padding_fraction']:.0%} of the padded layout is padding), median of {result['repeats']}",
+             "", "| variant | old-logprob pass (s) | update (s) | update tokens/s | update speed-up | trainer s/step, "
+             "recompute / rollout old logprobs | speed-up vs padded + recompute |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['variant']} | {r['logprobs_s']:.2f} | {r['update_s']:.2f} | {r['update_tokens_per_s']:.0f} | "
+                     f"{r['speedup_update']:.2f}x | {r['trainer_s_recompute']:.2f} / {r['trainer_s_rollout_old']:.2f} | "
+                     f"{r['speedup_step_vs_padded_recompute']:.2f}x |")
+    return "\n".join(lines)

@@ -1,0 +1,29 @@
+"""The trainer benchmark on a micro model (the timings are measurements; here the plumbing and the table)."""
+
+from __future__ import annotations
+
+import json
+
+from m2flow.bench.train import format_table, run_train_benchmark
+from m2flow.config import load_config
+from m2flow.training.checkpoint import save_hf_checkpoint
+
+
+def test_train_benchmark_runs_every_variant_on_the_same_batch(tmp_path, make_micro_model, tokenizer, chat_prompts):
+    model = make_micro_model(0)
+    path = save_hf_checkpoint(str(tmp_path / "model"), model.config, model.state_dict(), tokenizer)
+    cfg = load_config(None, ["rollout.n=2", "rollout.max_new_tokens=8", "train.micro_batch_size=3"])
+    result = run_train_benchmark(cfg, path, chat_prompts(3), ["1", "2", "3"], budgets=[64, 256], repeats=1,
+                                 out_dir=str(tmp_path / "out"))
+    assert result["sequences"] == 6
+    assert 0 < result["real_tokens"] <= result["padded_tokens"]
+    names = [r["variant"] for r in result["rows"]]
+    assert names == ["padded, micro_batch_size=3", "packed, max_tokens_per_microbatch=64",
+                     "packed, max_tokens_per_microbatch=256"]
+    first = result["rows"][0]
+    assert first["speedup_update"] == 1.0
+    assert first["trainer_s_recompute"] == first["logprobs_s"] + first["update_s"]
+    saved = json.loads(open(result["path"]).read())
+    assert saved["rows"] == result["rows"]
+    table = format_table(result)
+    assert table.splitlines()[0].startswith("6 sequences") and "| padded, micro_batch_size=3 |" in table
