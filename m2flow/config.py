@@ -131,6 +131,7 @@ class TrainConfig:
     epochs: int = 1  # passes over the iteration's batch
     micro_batch_size: int = 128  # sequences per forward/backward (gradient accumulation below a mini-batch), when not packing
     max_tokens_per_microbatch: int = 4096  # sequence packing: micro-batches of whole sequences with at most this many real tokens (a longer sequence goes alone), no padding computed; 0 = micro_batch_size padded rows
+    logits_chunk_tokens: int = 1024  # memory-lean logprobs and entropy: the LM head's logits computed (and recomputed in backward) this many tokens at a time, never [tokens, vocab] at once; 0 = all at once
     old_logprobs: str = "auto"  # the PPO ratio's old logprobs: rollout (the engine's, no extra pass), recompute (a trainer pass), auto (rollout when model.dtype is float32: the engine computes the trainer's distribution)
     logprob_check_every: int = 10  # with rollout old logprobs, every k steps the trainer's logprobs are computed anyway and their gap logged (rollout/logprob_abs_diff); 0 = never
     fsdp: bool = True  # wrap the actor with FSDP2 (fully_shard) over the trainer's process group
@@ -287,6 +288,7 @@ def _validate_ranges(cfg: Config, check) -> None:
                     "checkpoint.every": cfg.checkpoint.every, "checkpoint.keep_last": cfg.checkpoint.keep_last,
                     "train.max_tokens_per_microbatch": t.max_tokens_per_microbatch,
                     "train.logprob_check_every": t.logprob_check_every,
+                    "train.logits_chunk_tokens": t.logits_chunk_tokens,
                     "base.sft_steps": b.sft_steps, "base.sft_examples": b.sft_examples}
     for key, value in non_negative.items():
         check(value >= 0, f"{key} must be >= 0, got {value}")

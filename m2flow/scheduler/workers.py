@@ -12,6 +12,7 @@ from m2flow.training.critic import Critic, load_value_model
 from m2flow.training.checkpoint import load_hf_model, load_trainer, save_hf_checkpoint, save_trainer
 from m2flow.training.forward import batch_logprobs
 from m2flow.training.packing import use_varlen_attention
+from m2flow.training.token_stats import use_lean_head
 
 
 def _setup(threads: int, seed: int) -> None:
@@ -88,6 +89,8 @@ class ReferenceWorker:
         self.micro_batch_size, self.max_tokens = cfg.train.micro_batch_size, cfg.train.max_tokens_per_microbatch
         if self.max_tokens > 0:
             use_varlen_attention(self.model)
+        if cfg.train.logits_chunk_tokens > 0:
+            use_lean_head(self.model, cfg.train.logits_chunk_tokens)
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.max_tokens)

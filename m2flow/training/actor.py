@@ -13,8 +13,9 @@ import torch.distributed as dist
 from m2flow.algorithms import KL_ESTIMATORS, POLICY_LOSSES, broadcast_to_tokens, entropy_from_logits, masked_mean
 from m2flow.batch import RolloutBatch
 from m2flow.config import AlgorithmConfig, TrainConfig
-from m2flow.training.forward import batch_logprobs, response_logits, token_logprobs
+from m2flow.training.forward import batch_logprobs, response_logits, response_token_stats, token_logprobs
 from m2flow.training.packing import micro_batches, use_varlen_attention
+from m2flow.training.token_stats import use_lean_head
 
 
 def init_single_process_group() -> None:
@@ -114,6 +115,9 @@ class Actor:
         self.packed = train.max_tokens_per_microbatch > 0
         if self.packed:
             use_varlen_attention(model)
+        self.lean = train.logits_chunk_tokens > 0
+        if self.lean:
+            use_lean_head(model, train.logits_chunk_tokens)
         self.model = apply_fsdp(model) if train.fsdp else model
         self.optimizer, self.scheduler = make_optimizer(self.model, train.lr, train.weight_decay, train.warmup_steps)
         self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)
@@ -152,8 +156,15 @@ class Actor:
 
     def _micro_batch_loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         algo = self.algo
-        logits = self._logits(mb)
-        logprobs = token_logprobs(logits, mb.input_ids[:, mb.prompt_width :], self.temperature)
+        if self.lean:  # logprobs and entropy chunk by chunk of tokens, never all the logits
+            logprobs, entropy = response_token_stats(self.model, mb.input_ids, mb.attention_mask,
+                                                     mb.response_mask.shape[1], self.temperature, self.packed)
+        else:
+            logits = self._logits(mb)
+            logprobs = token_logprobs(logits, mb.input_ids[:, mb.prompt_width :], self.temperature)
+            entropy = entropy_from_logits(logits.detach() if algo.entropy_coef == 0 else logits)
+        if algo.entropy_coef == 0:
+            entropy = entropy.detach()
         mask = mb.response_mask
         advantages = broadcast_to_tokens(mb.advantages, mask)
         options = dict(self.loss_options)
@@ -164,11 +175,10 @@ class Actor:
             clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, loss_agg=algo.loss_agg,
             **options,
         )
-        entropy = entropy_from_logits(logits.detach() if algo.entropy_coef == 0 else logits)
         entropy_mean = masked_mean(entropy, mask)
         metrics = {f"pg_{k}" if not k.startswith("pg") else k: v for k, v in metrics.items()}
         metrics["pg_loss"] = float(loss.detach())
-        metrics["entropy"] = float(entropy_mean)
+        metrics["entropy"] = float(entropy_mean.detach())
         if algo.entropy_coef:
             loss = loss - algo.entropy_coef * entropy_mean
         if self.kl is not None:

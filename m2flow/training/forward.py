@@ -31,6 +31,31 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return out.logits[:, width - response_len - 1 : width - 1, :].float()
 
 
+def response_token_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                         temperature: float, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs, entropy), each [B, T] float32, of the last `response_len` tokens of each row, through the
+    model's LeanLMHead (training/token_stats.py): logprobs under logits / temperature, entropy of the raw
+    logits, without ever holding all the logits. 0 where a row has no response token in a column when packed."""
+    from m2flow.training.token_stats import lean_head
+
+    head = lean_head(model)
+    width, T = input_ids.shape[1], response_len
+    if packed:
+        from m2flow.training.packing import pack, packed_forward
+
+        p = pack(input_ids, attention_mask, T)
+        head.request = (p.input_ids[0, p.keep + 1], temperature)  # each kept position predicts the next token
+        stats = packed_forward(model, p)[0]  # [K, 2]
+        out = stats[p.slot.clamp(min=0).to(stats.device)] * (p.slot >= 0).to(stats.device).unsqueeze(-1)
+    else:
+        targets = torch.nn.functional.pad(input_ids[:, width - T:], (0, 1))  # the last kept position: no target
+        head.request = (targets, temperature)
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                    logits_to_keep=T + 1).logits[:, :T]
+    return out[..., 0], out[..., 1]
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature) at `tokens`: logits [B, T, V], tokens [B, T] -> [B, T]. Temperature 0
     (greedy) uses the raw logits, as the rollout engine reports them."""
@@ -45,8 +70,14 @@ def batch_logprobs(model, batch, temperature: float, micro_batch_size: int, max_
     response mask: [B, T]."""
     from m2flow.training.packing import micro_batches
 
+    from m2flow.training.token_stats import lean_head
+
     out = torch.zeros_like(batch.response_mask)
     for rows, mb in micro_batches(batch, micro_batch_size, max_tokens):
-        logits = response_logits(model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], max_tokens > 0)
-        out[rows] = token_logprobs(logits, mb.input_ids[:, mb.prompt_width :], temperature)
+        T = mb.response_mask.shape[1]
+        if lean_head(model) is not None:
+            out[rows] = response_token_stats(model, mb.input_ids, mb.attention_mask, T, temperature, max_tokens > 0)[0]
+        else:
+            logits = response_logits(model, mb.input_ids, mb.attention_mask, T, max_tokens > 0)
+            out[rows] = token_logprobs(logits, mb.input_ids[:, mb.prompt_width :], temperature)
     return out * batch.response_mask

@@ -58,14 +58,18 @@ def packed_response_logits(model, input_ids: torch.Tensor, attention_mask: torch
     """`forward.response_logits` computed on the packed sequences: [B, T, V] float32, the logits that predict
     each response token (0 where a row has no response token in that column)."""
     p = pack(input_ids, attention_mask, response_len)
-    out = model(input_ids=p.input_ids, position_ids=p.position_ids,
-                attention_mask={"full_attention": None, "sliding_attention": None},  # no dense mask is built
-                use_cache=False, logits_to_keep=p.keep.to(p.input_ids.device),
-                cu_seq_lens_q=p.cu_seqlens, cu_seq_lens_k=p.cu_seqlens, max_length_q=p.max_len,
-                max_length_k=p.max_len)
-    logits = out.logits[0].float()  # [K, V]
+    logits = packed_forward(model, p)[0].float()  # [K, V]
     gathered = logits[p.slot.clamp(min=0).to(logits.device)]  # [B, T, V]
     return gathered * (p.slot >= 0).to(logits.device).unsqueeze(-1)
+
+
+def packed_forward(model, p: Packed) -> torch.Tensor:
+    """The model's LM-head output ([1, K, ...]) at the packed positions `p.keep`."""
+    return model(input_ids=p.input_ids, position_ids=p.position_ids,
+                 attention_mask={"full_attention": None, "sliding_attention": None},  # no dense mask is built
+                 use_cache=False, logits_to_keep=p.keep.to(p.input_ids.device),
+                 cu_seq_lens_q=p.cu_seqlens, cu_seq_lens_k=p.cu_seqlens, max_length_q=p.max_len,
+                 max_length_k=p.max_len).logits
 
 
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
