@@ -27,10 +27,23 @@ for train.prompts_per_step prompts, scored, GRPO advantages), then the old-logpr
 fresh copy of the model with padded micro-batches and with sequence packing at each --budgets value. Prints
 seconds, update tokens/s (real tokens) and speed-ups against padded micro-batches, measured in the same run."""
 
+BENCH_MEMORY_HELP = """Peak memory of one actor update with a large vocabulary: full logits against memory-lean chunked
+logprobs (train.logits_chunk_tokens), each in a fresh process (peak RSS), on a small Qwen2 body with a
+Qwen2-size vocabulary and random tokens."""
+
 BENCH_SOAK_HELP = """Soak: many small RL iterations of a micro model (evaluation and periodic checkpoints on) while the
 memory (RSS), open file descriptors and process count of the driver and every process it started are sampled
 each second; prints them at 25%, 50% and 100% of the run and their growth per 100 steps, and writes
 soak.json, soak.md and soak.png. A leak shows as growth."""
+
+BENCH_VS_TRL_HELP = """m2flow against TRL's GRPOTrainer, back to back on this machine: the same base model (default: the
+demo's), training and held-out problems (written as jsonl to the output directory), group size, prompts per step,
+response length, learning rate, steps, temperature, no KL, chat template and reward (m2flow's math_reward wrapped for
+TRL), one optimizer update per generation batch. Both are evaluated greedily by m2flow's engine and evaluator. Prints
+seconds per step, generated tokens/s, held-out accuracy vs step and vs RL wall-clock, peak memory and the ratios
+m2flow/TRL, and what could not be aligned; writes vs_trl.json, vs_trl.md and vs_trl.png. Defaults are the demo's
+(m2flow/config.py); key=value overrides apply to the config they are read from (and to m2flow's side).
+Needs TRL: pip install -e ".[bench]"."""
 
 
 EVAL_HELP = """Evaluates HF model directories on benchmarks with k samples per problem through m2flow's engine and
@@ -95,11 +108,39 @@ def main(argv: list[str] | None = None) -> int:
     bt.add_argument("--model", default="", help="an HF model directory (default: the demo's base model, built if missing)")
     bt.add_argument("--out-dir", default="benchmarks/results", help="where the JSON result goes")
     bt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. train.micro_batch_size=64)")
+    bm = bench_sub.add_parser("memory", help=BENCH_MEMORY_HELP.split("\n")[0], description=BENCH_MEMORY_HELP)
+    bm.add_argument("--vocab", type=int, default=151936, help="vocabulary size (default: 151936, Qwen2's)")
+    bm.add_argument("--sequences", type=int, default=32, help="sequences in the micro-batch (default: 32)")
+    bm.add_argument("--response-tokens", type=int, default=128, help="response tokens per sequence (default: 128)")
+    bm.add_argument("--chunks", default="0,1024,256", help="train.logits_chunk_tokens values, 0 = full logits")
+    bm.add_argument("--out-dir", default="benchmarks/results", help="where the JSON result goes")
     soak = bench_sub.add_parser("soak", help=BENCH_SOAK_HELP.split("\n")[0], description=BENCH_SOAK_HELP)
     soak.add_argument("--steps", type=int, default=300, help="RL steps of the micro experiment (default: 300)")
     soak.add_argument("--out-dir", default="benchmarks/results", help="where soak-<time>/ goes")
     soak.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     soak.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides of the micro experiment")
+    vt = bench_sub.add_parser("vs-trl", help=BENCH_VS_TRL_HELP.split("\n")[0], description=BENCH_VS_TRL_HELP)
+    vt.add_argument("--model", default="", help="an HF model directory (default: the demo's base model, built if missing)")
+    vt.add_argument("--steps", type=int, default=None, help="RL steps (default: train.steps, 30)")
+    vt.add_argument("--prompts-per-step", type=int, default=None, help="prompts per step (default: train.prompts_per_step, 64)")
+    vt.add_argument("--n", type=int, default=None, help="samples per prompt (default: rollout.n, 8)")
+    vt.add_argument("--max-new-tokens", type=int, default=None, help="response cap (default: rollout.max_new_tokens, 48)")
+    vt.add_argument("--lr", type=float, default=None, help="learning rate (default: train.lr, 1e-4)")
+    vt.add_argument("--eval-every", type=int, default=None,
+                    help="held-out evaluation every k steps, besides step 0 and the end (default: eval.every, 10; 0: only those)")
+    vt.add_argument("--eval-problems", type=int, default=None, help="held-out problems (default: eval.num_problems, 500)")
+    vt.add_argument("--train-problems", type=int, default=0,
+                    help="training problems written for both sides (default 0: steps x prompts per step, one epoch)")
+    vt.add_argument("--seed", type=int, default=None, help="seed of both sides (default: seed, 0)")
+    vt.add_argument("--threads", type=int, default=0, help="torch threads per side (default 0: all cores)")
+    vt.add_argument("--micro-batch-size", type=int, default=None,
+                    help="TRL: completions per forward/backward slice, the largest divisor of prompts x n up to this "
+                         "(default: train.micro_batch_size, 128)")
+    vt.add_argument("--sides", default="m2flow,trl", help="which sides to run, in this order (default: m2flow,trl)")
+    vt.add_argument("--out-dir", default="", help="output directory (default: benchmarks/results/vs-trl-<time>)")
+    vt.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    vt.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides (e.g. algorithm.filter_groups=false); m2flow's side runs with them")
     e = sub.add_parser("eval", help=EVAL_HELP.split("\n")[0], description=EVAL_HELP)
     e.add_argument("--models", nargs="+", required=True, metavar="[NAME=]PATH",
                    help="HF model directories (config.json, *.safetensors, tokenizer); NAME= sets the table's row "
@@ -243,9 +284,79 @@ def _bench_train(args) -> int:
     return 0
 
 
+def _bench_vs_trl(args) -> int:
+    import time
+
+    from m2flow.bench.vs_trl import (SIDES, TRL_MISSING, Settings, m2flow_overrides, prepare_data, run_vs_trl,
+                                     trl_available)
+    from m2flow.config import ConfigError, load_config
+    from m2flow.runner import base_config, load_task
+    from m2flow.training.warm_start import ensure_base_model
+
+    sides = tuple(x.strip() for x in args.sides.split(",") if x.strip())
+    if not sides or any(x not in SIDES for x in sides):
+        print(f"m2flow: --sides takes m2flow and/or trl, comma-separated; got {args.sides!r}", file=sys.stderr)
+        return 2
+    if "trl" in sides and not trl_available():
+        print(TRL_MISSING, file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(None, args.overrides)
+    except ConfigError as e:
+        print(f"m2flow: config error: {e}", file=sys.stderr)
+        return 2
+    pick = lambda flag, default: default if flag is None else flag  # noqa: E731
+    steps, prompts = pick(args.steps, cfg.train.steps), pick(args.prompts_per_step, cfg.train.prompts_per_step)
+    task = load_task(cfg)
+    model_path = os.path.abspath(args.model or cfg.model.path or ensure_base_model(
+        base_config(cfg), task.sft, task.held_out[: cfg.eval.num_problems], cfg.data.template,
+        cfg.eval.max_new_tokens, progress=not args.no_progress)[0])
+    out_dir = os.path.abspath(args.out_dir or os.path.join("benchmarks", "results",
+                                                           f"vs-trl-{time.strftime('%Y%m%d-%H%M%S')}"))
+    os.makedirs(out_dir, exist_ok=True)
+    eval_problems = pick(args.eval_problems, cfg.eval.num_problems)
+    train_path, eval_path = prepare_data(task.train[: args.train_problems or steps * prompts],
+                                         task.held_out[:eval_problems], out_dir)
+    settings = Settings(
+        model_path=model_path, train_path=train_path, eval_path=eval_path, steps=steps, prompts_per_step=prompts,
+        n=pick(args.n, cfg.rollout.n), max_new_tokens=pick(args.max_new_tokens, cfg.rollout.max_new_tokens),
+        eval_max_new_tokens=cfg.eval.max_new_tokens, lr=pick(args.lr, cfg.train.lr),
+        temperature=cfg.rollout.temperature, kl_coef=cfg.algorithm.kl_coef,
+        eval_every=pick(args.eval_every, cfg.eval.every), eval_problems=min(eval_problems, len(task.held_out)),
+        seed=pick(args.seed, cfg.seed), threads=args.threads or cfg.cluster.num_cpus or os.cpu_count() or 1,
+        template=cfg.data.template, micro_batch_size=pick(args.micro_batch_size, cfg.train.micro_batch_size),
+        m2flow_overrides=list(args.overrides), progress=not args.no_progress)
+    try:  # the m2flow side's config, checked now (and read for the list of differences)
+        m2flow_cfg = load_config(None, m2flow_overrides(settings, os.path.join(out_dir, "m2flow")))
+    except ConfigError as e:
+        print(f"m2flow: config error: {e}", file=sys.stderr)
+        return 2
+    result = run_vs_trl(settings, out_dir, sides, m2flow_cfg)
+    print(f"\nm2flow bench vs-trl: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
+          f"{settings.threads} threads per side, seed {settings.seed}, {model_path}\n")
+    if "table" in result:
+        print(result["table"])
+    else:
+        for side in sides:
+            r = result[side]
+            print(f"{side}: {r['seconds_per_step']:.2f} s/step, {r['tokens_per_s']:.0f} tokens/s, held-out "
+                  f"{100 * r['accuracy_start']:.1f}% -> {100 * r['accuracy_end']:.1f}%")
+    print(f"\nwrote {out_dir}/vs_trl.json" + (", vs_trl.md and vs_trl.png" if "table" in result else ""))
+    return 0
+
+
 def _bench(args) -> int:
     if args.target == "train":
         return _bench_train(args)
+    if args.target == "vs-trl":
+        return _bench_vs_trl(args)
+    if args.target == "memory":
+        from m2flow.bench.memory import format_table, run_memory_benchmark, save
+
+        result = run_memory_benchmark(args.vocab, args.sequences, 32, args.response_tokens,
+                                      tuple(int(x) for x in args.chunks.split(",")))
+        print(f"m2flow bench memory: {result['cpu']}\n\n{format_table(result)}\n\nwrote {save(result, args.out_dir)}")
+        return 0
     if args.target == "soak":
         from m2flow.bench.soak import run_soak
 

@@ -27,3 +27,14 @@ def test_train_benchmark_runs_every_variant_on_the_same_batch(tmp_path, make_mic
     assert saved["rows"] == result["rows"]
     table = format_table(result)
     assert table.splitlines()[0].startswith("6 sequences") and "| padded, micro_batch_size=3 |" in table
+
+
+def test_memory_benchmark_measures_each_chunk_size_in_its_own_process():
+    from m2flow.bench.memory import format_table, run_memory_benchmark
+
+    result = run_memory_benchmark(vocab=4000, sequences=4, prompt=8, response=16, chunks=(0, 16))
+    assert [r["logits_chunk_tokens"] for r in result["rows"]] == [0, 16]
+    assert all(r["peak_rss_mb"] >= r["rss_before_update_mb"] > 50 for r in result["rows"])
+    assert result["rows"][0]["peak_vs_full"] == 1.0
+    assert result["full_logits_fp32_gb"] == 4 * 16 * 4000 * 4 / 2**30
+    assert "| 0 (full logits) |" in format_table(result) and "| 16 |" in format_table(result)
