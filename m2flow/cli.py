@@ -120,15 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     soak.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides of the micro experiment")
     vt = bench_sub.add_parser("vs-trl", help=BENCH_VS_TRL_HELP.split("\n")[0], description=BENCH_VS_TRL_HELP)
-    vt.add_argument("--model", default="", help="an HF model directory (default: the demo's base model, built if missing)")
+    vt.add_argument("--model", default="",
+                    help="an HF model directory (default: the demo's base model, built if missing)")
     vt.add_argument("--steps", type=int, default=None, help="RL steps (default: train.steps, 30)")
-    vt.add_argument("--prompts-per-step", type=int, default=None, help="prompts per step (default: train.prompts_per_step, 64)")
+    vt.add_argument("--prompts-per-step", type=int, default=None,
+                    help="prompts per step (default: train.prompts_per_step, 64)")
     vt.add_argument("--n", type=int, default=None, help="samples per prompt (default: rollout.n, 8)")
-    vt.add_argument("--max-new-tokens", type=int, default=None, help="response cap (default: rollout.max_new_tokens, 48)")
+    vt.add_argument("--max-new-tokens", type=int, default=None,
+                    help="response cap (default: rollout.max_new_tokens, 48)")
     vt.add_argument("--lr", type=float, default=None, help="learning rate (default: train.lr, 1e-4)")
     vt.add_argument("--eval-every", type=int, default=None,
-                    help="held-out evaluation every k steps, besides step 0 and the end (default: eval.every, 10; 0: only those)")
-    vt.add_argument("--eval-problems", type=int, default=None, help="held-out problems (default: eval.num_problems, 500)")
+                    help="held-out evaluation every k steps, besides step 0 and the end (default: eval.every, 10; "
+                         "0: only those)")
+    vt.add_argument("--eval-problems", type=int, default=None,
+                    help="held-out problems (default: eval.num_problems, 500)")
     vt.add_argument("--train-problems", type=int, default=0,
                     help="training problems written for both sides (default 0: steps x prompts per step, one epoch)")
     vt.add_argument("--seed", type=int, default=None, help="seed of both sides (default: seed, 0)")
