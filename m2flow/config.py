@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -154,6 +155,12 @@ class EvalConfig:
     num_problems: int = 500  # held-out problems evaluated greedily before and after RL
     every: int = 10  # also evaluate every k RL steps (0 = only before and after; the curves of `m2flow demo --seeds`)
     max_new_tokens: int = 48  # response length cap in evaluation
+    benchmarks: list[str] = field(default_factory=list)  # also evaluated at every evaluation point, with k samples per problem: `m2flow eval` benchmark names, e.g. [synthetic_mc,math500] (docs/eval.md); metrics eval/<name>/avg@k, pass@k, maj@k
+    k: int = 8  # samples per problem on eval.benchmarks
+    temperature: float = 0.6  # sampling temperature on eval.benchmarks (0 = greedy, with k=1)
+    top_p: float = 0.95  # nucleus sampling on eval.benchmarks
+    data_dir: str = ""  # directory of the eval.benchmarks files (aime24.jsonl, math500.parquet, ...; docs/eval.md)
+    benchmark_problems: int = 0  # the first N problems of each of eval.benchmarks (0 = all)
 
 
 @dataclass
@@ -263,12 +270,12 @@ def validate(cfg: Config) -> None:
         check(value in valid, f"{key} must be one of {', '.join(valid)}; got {value!r}")
     _validate_algorithm(cfg, check)
     _validate_ranges(cfg, check)
+    _validate_eval(cfg, check)
     _validate_paths(cfg, check)
 
 
 def _validate_ranges(cfg: Config, check) -> None:
     """Values outside their meaningful range (issue 12): each error names the key and the valid range."""
-    import math
 
     check(bool(cfg.name) and not any(bad in cfg.name for bad in ("/", "\\", "..", "\0")),
           f"name must be a plain name (no '/', '\\' or '..': the run directory must stay inside output_dir), "
@@ -309,6 +316,19 @@ def _validate_ranges(cfg: Config, check) -> None:
           "its own network settings")
     check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1,
           f"cluster.num_cpus must be >= 1 or null (all of this machine's), got {cfg.cluster.num_cpus}")
+
+
+def _validate_eval(cfg: Config, check) -> None:
+    from m2flow.eval.benchmarks import BENCHMARKS
+
+    e = cfg.eval
+    for name in e.benchmarks:
+        check(name in BENCHMARKS, f"eval.benchmarks: unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}")
+    check(e.k >= 1, f"eval.k must be >= 1, got {e.k}")
+    check(e.temperature >= 0 and math.isfinite(e.temperature), f"eval.temperature must be >= 0, got {e.temperature}")
+    check(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}")
+    check(e.temperature > 0 or e.k == 1, f"eval.temperature=0 (greedy) gives k identical samples: set eval.k=1, got {e.k}")
+    check(e.benchmark_problems >= 0, f"eval.benchmark_problems must be >= 0 (0 = all), got {e.benchmark_problems}")
 
 
 def _validate_paths(cfg: Config, check) -> None:
@@ -488,7 +508,8 @@ def options_markdown() -> str:
                 walk(hint, f"{prefix}{f.name}.")
                 continue
             type_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-            lines.append(f"| `{prefix}{f.name}` | {type_name} | `{f.default!r}` | {docs.get(f.name, '')} |")
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"| `{prefix}{f.name}` | {type_name} | `{default!r}` | {docs.get(f.name, '')} |")
 
     walk(Config, "")
     return "\n".join(lines) + "\n"

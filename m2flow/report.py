@@ -15,8 +15,13 @@ def print_summary(summary: dict) -> None:
     table.add_row(f"held-out accuracy, base ({n}, greedy)", f"{summary['held_out_accuracy_before']:.1%}")
     table.add_row(f"held-out accuracy, RL ({summary['rl_steps']} steps)", f"{summary['held_out_accuracy_after']:.1%}")
     table.add_row("gain (points)", f"{100 * summary['held_out_gain']:+.1f}")
-    table.add_row("worked answers, base -> RL",
-                  f"{summary['held_out_worked_share_before']:.0%} -> {summary['held_out_worked_share_after']:.0%}")
+    if "held_out_worked_share_before" in summary:  # the synthetic task's measure
+        table.add_row("worked answers, base -> RL",
+                      f"{summary['held_out_worked_share_before']:.0%} -> {summary['held_out_worked_share_after']:.0%}")
+    for name, before in summary.get("benchmarks_before", {}).items():
+        after = summary["benchmarks_after"][name]
+        for metric in before:
+            table.add_row(f"{name} {metric}, base -> RL", f"{before[metric]:.1%} -> {after[metric]:.1%}")
     for step, acc in base.get("held_out_accuracy_by_sft_step", {}).items():
         table.add_row(f"  base at SFT step {step}/{base['sft_steps']}", f"{acc:.1%}")
     if "build_seconds" in base:

@@ -48,6 +48,8 @@ from m2flow.data.datasets import BadRowError, DataError, Problem, load_problems
 from m2flow.data.synthetic import TaskSpec, make_splits
 from m2flow.data.templates import format_prompt
 from m2flow.eval import EvalResult, evaluate
+from m2flow.eval.in_training import GenerateOnly, benchmark_metrics
+from m2flow.eval.run import Protocol
 from m2flow.io import atomic_write_text
 from m2flow.metrics import MetricsLogger, plot_metrics
 from m2flow.rewards import get_reward
@@ -83,6 +85,8 @@ class Task:
     held_out: list[Problem]  # never trained on
     sft: list[Problem]  # worked solutions for the base model's warm start (synthetic task only)
     skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # split -> "file:line: reason" (data.bad_rows=skip)
+    benchmarks: list = dataclasses.field(default_factory=list)  # eval.benchmarks, loaded (m2flow.eval.benchmarks)
+    response_metrics: object = None  # the task's own measures of responses (the synthetic task's worked share)
 
 
 def load_task(cfg: Config) -> Task:
@@ -105,11 +109,16 @@ def load_task(cfg: Config) -> Task:
             raise DataError(f"{e}; fix the row, or set data.bad_rows=skip to skip such rows (they are counted "
                             f"in summary.json)") from None
 
+    from m2flow.data.synthetic import response_metrics
+    from m2flow.eval.benchmarks import load_benchmark
+
     return Task(
         train=load(d.train_path, "train") if d.train_path else synthetic["rl"],
         held_out=load(d.eval_path, "eval") if d.eval_path else synthetic["eval"],
         sft=synthetic["sft"] if synthetic else [],
         skipped=skipped,
+        benchmarks=[load_benchmark(n, cfg.eval.data_dir, cfg.eval.benchmark_problems) for n in cfg.eval.benchmarks],
+        response_metrics=None if d.eval_path else response_metrics,
     )
 
 
@@ -335,14 +344,29 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     sampling = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
 
-    def held_out_eval() -> EvalResult:
-        generate = lambda ps, sp: ray.get(rollout.generate.remote(ps, sp))  # noqa: E731
-        with stage({}, "eval"):
-            return evaluate(generate, held_out, held_out_prompts, greedy, score_batch=lambda rs, ts: scorer(rs, ts)[0])
+    generate = lambda ps, sp: ray.get(rollout.generate.remote(ps, sp))  # noqa: E731
+    protocol = Protocol(k=cfg.eval.k, temperature=cfg.eval.temperature,
+                        top_p=cfg.eval.top_p if cfg.eval.temperature > 0 else 1.0,
+                        max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed, template=cfg.data.template,
+                        batch_size=cfg.rollout.batch_size)
 
-    def eval_metrics(result: EvalResult) -> dict[str, float]:
-        return {"eval/accuracy": result.accuracy, "eval/worked_share": result.worked_share,
-                "eval/response_tokens": result.mean_response_tokens}
+    def held_out_eval() -> EvalResult:
+        with stage({}, "eval"):
+            return evaluate(generate, held_out, held_out_prompts, greedy, score_batch=lambda rs, ts: scorer(rs, ts)[0],
+                            response_metrics=task.response_metrics)
+
+    def benchmark_eval(step: int) -> dict[str, dict[str, float]]:
+        """eval.benchmarks with k samples per problem ({} without any); samples in <run_dir>/eval/step_N/."""
+        if not task.benchmarks:
+            return {}
+        with stage({}, "eval"):
+            return benchmark_metrics(GenerateOnly(generate, tokenizer, engine_max_len(model_path)), task.benchmarks,
+                                     protocol, os.path.join(run_dir, "eval", f"step_{step:06d}"))
+
+    def eval_metrics(result: EvalResult, benchmarks: dict[str, dict[str, float]]) -> dict[str, float]:
+        return {"eval/accuracy": result.accuracy, "eval/response_tokens": result.mean_response_tokens,
+                **{f"eval/{k}": v for k, v in result.extra.items()},
+                **{f"eval/{b}/{m}": v for b, found in benchmarks.items() for m, v in found.items()}}
 
     skipped = {split: len(rows) for split, rows in task.skipped.items()}
     sampler = PromptSampler(len(task.train), cfg.seed)
@@ -351,8 +375,9 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
              if rollout_old else "a trainer pass")
     if checkpoint is None:
         metrics_log = MetricsLogger(run_dir)
-        before = held_out_eval()
-        metrics_log.log(0, {**eval_metrics(before), **{f"data/{k}_skipped": float(v) for k, v in skipped.items()}})
+        before, benchmarks_before = held_out_eval(), benchmark_eval(0)
+        metrics_log.log(0, {**eval_metrics(before, benchmarks_before),
+                            **{f"data/{k}_skipped": float(v) for k, v in skipped.items()}})
         log.info("held-out accuracy before RL: %.3f", before.accuracy)
         totals = {"samples": 0, "tokens": 0, "seconds": 0.0}
         first_step = 1
@@ -365,6 +390,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         sampler.load_state(state["sampler"])
         set_rng_state(state["rng"])
         before, totals, first_step = EvalResult(**state["before"]), state["totals"], state["step"] + 1
+        benchmarks_before = state.get("benchmarks_before", {})
         metrics_log = MetricsLogger(run_dir, resume_after=state["step"])  # drops rows logged after the checkpoint
         log.info("resumed at step %d of %d", first_step, cfg.train.steps)
 
@@ -374,7 +400,8 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                     ([critic.save_state.remote(os.path.join(tmp, CRITIC))] if critic else []))
         write_checkpoint(run_dir, step, write_parts, {
             "policy_version": step, "sampler": sampler.state(), "rng": rng_state(), "totals": totals,
-            "before": dataclasses.asdict(before), "base_model": model_path}, cfg.checkpoint.keep_last)
+            "before": dataclasses.asdict(before), "benchmarks_before": benchmarks_before, "base_model": model_path},
+            cfg.checkpoint.keep_last)
 
     bar = tqdm(range(first_step, cfg.train.steps + 1), desc=cfg.algorithm.advantage, disable=not progress,
                dynamic_ncols=True, initial=first_step - 1, total=cfg.train.steps)
@@ -434,7 +461,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         totals["seconds"] += times["time/step"]
         metrics["throughput/samples_per_s"] = len(samples) / times["time/step"]
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
-            metrics.update(eval_metrics(held_out_eval()))
+            metrics.update(eval_metrics(held_out_eval(), benchmark_eval(step)))
         metrics_log.log(step, metrics)
         check_bad_steps(metrics, step, cfg)  # before a checkpoint: a diverging run is not saved as resumable
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != cfg.train.steps:
@@ -443,8 +470,8 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", len=f"{metrics['response/length_mean']:.0f}",
                         s=f"{times['time/step']:.1f}")
 
-    after = held_out_eval()
-    metrics_log.log(cfg.train.steps, eval_metrics(after))
+    after, benchmarks_after = held_out_eval(), benchmark_eval(cfg.train.steps)
+    metrics_log.log(cfg.train.steps, eval_metrics(after, benchmarks_after))
     metrics_log.close()
     with stage({}, "checkpoint"):
         final_dir = ray.get(actor.save_checkpoint.remote(os.path.join(run_dir, "checkpoints", "final")))
@@ -459,8 +486,9 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         "held_out_gain": after.accuracy - before.accuracy,
         "held_out_by_kind_before": before.by_kind,
         "held_out_by_kind_after": after.by_kind,
-        "held_out_worked_share_before": before.worked_share,
-        "held_out_worked_share_after": after.worked_share,
+        **{f"held_out_{k}_before": v for k, v in before.extra.items()},
+        **{f"held_out_{k}_after": v for k, v in after.extra.items()},
+        **({"benchmarks_before": benchmarks_before, "benchmarks_after": benchmarks_after} if task.benchmarks else {}),
         "held_out_response_tokens_before": before.mean_response_tokens,
         "held_out_response_tokens_after": after.mean_response_tokens,
         "base_model": {"path": model_path, **base_info},

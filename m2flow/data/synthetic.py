@@ -134,3 +134,9 @@ def make_splits(
             out.append(problem)
         splits[name] = out
     return splits
+
+
+def response_metrics(texts: list[str]) -> dict[str, float]:
+    """The demo's measure of how a model answers: `worked_share`, the share of responses that show at least one
+    worked step (a line containing '='), against bare boxed answers."""
+    return {"worked_share": sum("=" in t for t in texts) / max(len(texts), 1)}

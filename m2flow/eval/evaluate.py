@@ -17,7 +17,7 @@ class EvalResult:
     pass_at_n: float  # fraction of problems with at least one correct sample
     num_problems: int
     mean_response_tokens: float = 0.0
-    worked_share: float = 0.0  # responses that show at least one worked step (a line containing '=')
+    extra: dict[str, float] = field(default_factory=dict)  # the task's own response metrics (response_metrics)
     by_kind: dict[str, float] = field(default_factory=dict)  # accuracy per problem kind (meta["kind"])
     examples: list[dict] = field(default_factory=list)  # a few (question, response, answer, correct)
 
@@ -30,10 +30,12 @@ def evaluate(
     reward_fn: Callable[[str, str], float] = math_reward,
     num_examples: int = 4,
     score_batch: Callable[[list[str], list[str]], list[float]] | None = None,
+    response_metrics: Callable[[list[str]], dict[str, float]] | None = None,
 ) -> EvalResult:
     """`generate(prompts, params)` returns params.n samples per prompt, prompt-major. `score_batch(responses,
     truths)`, when given, scores them instead of `reward_fn` one by one (the runner passes its training scorer,
-    so evaluation has the same reward options and time limit)."""
+    so evaluation has the same reward options and time limit). `response_metrics(texts)`, when given, adds a
+    task's own measures of the responses (the demo's share of worked answers) to `extra`."""
     samples = generate(prompts, params)
     truths = [problems[s.prompt_index].answer for s in samples]
     if score_batch is None:
@@ -55,7 +57,7 @@ def evaluate(
         pass_at_n=sum(any(v) for v in per_problem.values()) / max(len(per_problem), 1),
         num_problems=len(problems),
         mean_response_tokens=sum(len(s.token_ids) for s in samples) / max(len(samples), 1),
-        worked_share=sum("=" in s.text for s in samples) / max(len(samples), 1),
+        extra=response_metrics([s.text for s in samples]) if response_metrics else {},
         by_kind={k: sum(v) / len(v) for k, v in sorted(kinds.items())},
         examples=examples,
     )

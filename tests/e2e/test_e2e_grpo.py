@@ -34,12 +34,13 @@ MICRO = [
     "reward.name=e2e_has_digit", "rollout.sleep_between_steps=true",  # KV cache freed and re-made every step
     "train.max_tokens_per_microbatch=96", "train.logprob_check_every=1",  # packed; the engine's old logprobs checked
 ]
+BENCHMARKS = ["eval.benchmarks=[synthetic_mc]", "eval.k=2", "eval.benchmark_problems=4"]  # m2flow eval's sets too
 
 
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    cfg = load_config(None, MICRO + [f"output_dir={root / 'runs'}", f"base.cache_dir={root / 'cache'}"])
+    cfg = load_config(None, MICRO + BENCHMARKS + [f"output_dir={root / 'runs'}", f"base.cache_dir={root / 'cache'}"])
     return run(cfg, progress=False)
 
 
@@ -92,3 +93,19 @@ print("GENERATED", out.shape[1] - ids["input_ids"].shape[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "GENERATED" in proc.stdout
     assert int(proc.stdout.split("GENERATED")[1].split()[0]) >= 1
+
+
+def test_benchmarks_are_evaluated_before_and_after(summary):
+    """eval.benchmarks: m2flow eval's sets with k samples at the evaluation points, their samples kept."""
+    run_dir = summary["run_dir"]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    evaluated = [r["step"] for r in rows if "eval/synthetic_mc/avg@2" in r]
+    assert evaluated == [0, 3]
+    for r in rows:
+        if "eval/synthetic_mc/avg@2" in r:
+            assert 0 <= r["eval/synthetic_mc/avg@2"] <= r["eval/synthetic_mc/pass@2"] <= 1
+    assert set(summary["benchmarks_after"]["synthetic_mc"]) == {"avg@2", "pass@2", "maj@2"}
+    with open(os.path.join(run_dir, "eval", "step_000003", "results.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    assert len(samples) == 4 * 2 and {s["benchmark"] for s in samples} == {"synthetic_mc"}
