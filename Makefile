@@ -25,10 +25,17 @@ demo: setup
 demo-seeds: setup
 	RAY_AUTH_MODE=disabled $(BIN)/m2flow demo --seeds 0,1,2,3,4
 
-test: setup
+# the tests also cover `m2flow bench vs-trl`, whose TRL side needs the bench extra (trl, datasets, accelerate)
+BENCH_STAMP := $(VENV)/.m2flow-bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+test: setup $(BENCH_STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/pytest -q
 
-test-slow: setup
+test-slow: setup $(BENCH_STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/pytest -q -m slow
 
 test-gpu: setup

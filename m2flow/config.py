@@ -70,6 +70,7 @@ class DataConfig:
 class RolloutConfig:
     backend: str = "m2flow"  # generation engine: m2flow (paged KV cache, continuous batching) | hf (transformers generate, the reference)
     n: int = 8  # samples per prompt (the GRPO group)
+    replicas: int = 1  # engine replicas (data-parallel, m2flow backend): prompts split by expected work, samples identical for any count
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling threshold (1.0 = off)
     top_k: int = 0  # top-k sampling (0 = off)
@@ -271,6 +272,7 @@ def validate(cfg: Config) -> None:
     _validate_algorithm(cfg, check)
     _validate_ranges(cfg, check)
     _validate_eval(cfg, check)
+    _validate_rollout(cfg, check)
     _validate_paths(cfg, check)
 
 
@@ -299,7 +301,8 @@ def _validate_ranges(cfg: Config, check) -> None:
                     "base.sft_steps": b.sft_steps, "base.sft_examples": b.sft_examples}
     for key, value in non_negative.items():
         check(value >= 0, f"{key} must be >= 0, got {value}")
-    positive = {"rollout.n": r.n, "eval.num_problems": cfg.eval.num_problems, "reward.workers": rw.workers,
+    positive = {"rollout.n": r.n, "rollout.replicas": r.replicas, "eval.num_problems": cfg.eval.num_problems,
+                "reward.workers": rw.workers,
                 "train.max_bad_steps": t.max_bad_steps,
                 "data.synthetic_train_size": d.synthetic_train_size, "data.synthetic_eval_size": d.synthetic_eval_size,
                 "base.hidden_size": b.hidden_size,
@@ -316,6 +319,13 @@ def _validate_ranges(cfg: Config, check) -> None:
           "its own network settings")
     check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1,
           f"cluster.num_cpus must be >= 1 or null (all of this machine's), got {cfg.cluster.num_cpus}")
+
+
+def _validate_rollout(cfg: Config, check) -> None:
+    r = cfg.rollout
+    check(r.replicas == 1 or r.backend == "m2flow",
+          f"rollout.replicas={r.replicas} needs rollout.backend=m2flow (its per-prompt seeding makes the samples "
+          f"independent of the split); got backend {r.backend!r}")
 
 
 def _validate_eval(cfg: Config, check) -> None:

@@ -67,6 +67,7 @@ from m2flow.resume import (
 )
 from m2flow.rollout import SamplingParams
 from m2flow.scheduler.cluster import launch, start_ray, stop_ray
+from m2flow.scheduler.group import WorkerGroup, generate_on_replicas
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker
 from m2flow.training.warm_start import ensure_base_model
 
@@ -306,8 +307,10 @@ def run(cfg: Config, progress: bool = True) -> dict:
     started_ray = not ray.is_initialized()
     resources = start_ray(cfg.cluster)
     pool = RewardPool(cfg.reward.workers)  # reward scoring with a hard per-response time limit
+    workers: list = []  # every Ray actor the run starts, killed when it ends however it ends
     try:
-        summary = _train(cfg, run_dir, model_path, base_info, task, resources, progress, t_start, pool, checkpoint)
+        summary = _train(cfg, run_dir, model_path, base_info, task, resources, progress, t_start, pool, checkpoint,
+                         workers)
         write_status(run_dir, "completed")
         return summary
     except BaseException as e:  # the run directory says that (and where) it failed
@@ -318,20 +321,30 @@ def run(cfg: Config, progress: bool = True) -> dict:
         raise
     finally:  # a crashed worker surfaces as its exception here; the last checkpoint was written atomically
         pool.close()
+        for handle in workers:  # also when Ray outlives the run (started by the caller)
+            try:
+                ray.kill(handle)
+            except Exception:  # noqa: BLE001 (already dead)
+                pass
         if started_ray:
             stop_ray()
 
 
 def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Task, resources: dict,
-           progress: bool, t_start: float, pool: RewardPool | None = None, checkpoint: str | None = None) -> dict:
+           progress: bool, t_start: float, pool: RewardPool | None = None, checkpoint: str | None = None,
+           workers: list | None = None) -> dict:
     """The RL loop (from step 1, or from the step after `checkpoint`, a periodic checkpoint of this run)."""
     threads = int(cfg.cluster.num_cpus or resources.get("CPU", 1))
-    rollout = launch(RolloutWorker, model_path, cfg, name=f"rollout-{os.getpid()}", threads=threads)
+    replicas = cfg.rollout.replicas  # engine replicas, data-parallel (each with its share of the threads)
+    rollout = WorkerGroup(RolloutWorker, replicas, model_path, cfg, name=f"rollout-{os.getpid()}",
+                          threads=max(threads // replicas, 1))
     actor = launch(ActorWorker, model_path, cfg, name=f"actor-{os.getpid()}", threads=threads)
     reference = (launch(ReferenceWorker, model_path, cfg, name=f"reference-{os.getpid()}", threads=threads)
                  if cfg.algorithm.kl_coef > 0 else None)
     critic = (launch(CriticWorker, model_path, cfg, name=f"critic-{os.getpid()}", threads=threads)
               if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None)
+    if workers is not None:
+        workers.extend([*rollout.ranks, *(h for h in (actor, reference, critic) if h is not None)])
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -344,7 +357,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     sampling = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
 
-    generate = lambda ps, sp: ray.get(rollout.generate.remote(ps, sp))  # noqa: E731
+    generate = lambda ps, sp: generate_on_replicas(rollout, ps, sp)  # noqa: E731
     protocol = Protocol(k=cfg.eval.k, temperature=cfg.eval.temperature,
                         top_p=cfg.eval.top_p if cfg.eval.temperature > 0 else 1.0,
                         max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed, template=cfg.data.template,
@@ -386,7 +399,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         with stage({}, "resume"):
             ray.get([actor.load_state.remote(checkpoint)] +
                     ([critic.load_state.remote(os.path.join(checkpoint, CRITIC))] if critic else []))
-            ray.get(rollout.load_weights.remote(actor.state_dict.remote(), state["policy_version"]))
+            rollout.call("load_weights", actor.state_dict.remote(), state["policy_version"])
         sampler.load_state(state["sampler"])
         set_rng_state(state["rng"])
         before, totals, first_step = EvalResult(**state["before"]), state["totals"], state["step"] + 1
@@ -416,8 +429,9 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                 ids = sampler.next(cfg.train.prompts_per_step)
                 params = dataclasses.replace(sampling, seed=round_seed(cfg.seed, step, r))
                 with stage(times, "rollout"):
-                    samples = ray.get(rollout.generate.remote([prompt(task.train[i]) for i in ids], params))
-                    engine_stats.append(ray.get(rollout.stats.remote()))
+                    samples = generate([prompt(task.train[i]) for i in ids], params)
+                    stats = rollout.call("stats")
+                    engine_stats.append(None if stats[0] is None else sum(stats[1:], stats[0]))
                     batch = RolloutBatch.from_samples(samples, tokenizer.pad_token_id)
                 with stage(times, "reward"):
                     truths = [task.train[ids[s.prompt_index]].answer for s in samples]
@@ -450,7 +464,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                 with stage(times, "update"):
                     train_metrics |= ray.get(actor.update.remote(train_batch))
                 with stage(times, "weight_sync"):
-                    ray.get(rollout.load_weights.remote(actor.state_dict.remote(), step))
+                    rollout.call("load_weights", actor.state_dict.remote(), step)  # each replica fetches it
 
         samples = [s for r in rounds for s in r.samples]
         metrics = {**_batch_metrics(rounds, train_batch, cfg), **filter_metrics, **train_metrics, **times}
@@ -503,9 +517,6 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         "examples_after": after.examples,
     }
     atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
-    for handle in (rollout, actor, reference, critic):
-        if handle is not None:
-            ray.kill(handle)
     return summary
 
 

@@ -233,12 +233,14 @@ class Engine:
 
     # ---- generation ---------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[Sample]:
-        """Samples `params.n` responses per prompt; returns them prompt-major (all of prompt 0 first)."""
+    def generate(self, prompts: list[str], params: SamplingParams, first_index: int = 0) -> list[Sample]:
+        """Samples `params.n` responses per prompt; returns them prompt-major (all of prompt 0 first).
+        `first_index`: the global index of prompts[0] when a larger call is split across engine replicas;
+        sample j of global prompt i is seeded by (params.seed, i, j) however the call is split."""
         prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        return self.generate_ids(prompt_ids, params)
+        return self.generate_ids(prompt_ids, params, first_index)
 
-    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Sample]:
+    def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, first_index: int = 0) -> list[Sample]:
         if self.sleeping:
             raise RuntimeError("the engine is asleep: call wake() first")
         base_seed = params.seed if params.seed is not None else random.getrandbits(32)
@@ -251,7 +253,7 @@ class Engine:
                 raise ValueError(f"prompt {i} has {len(ids)} tokens; the engine's max_model_len is "
                                  f"{self.max_model_len}")
             for j in range(params.n):
-                seed = hash((base_seed, i, j)) & 0xFFFFFFFF
+                seed = hash((base_seed, first_index + i, j)) & 0xFFFFFFFF
                 seq_params = SeqParams(params.temperature, params.top_p, params.top_k, params.max_new_tokens,
                                        stops, tuple(params.stop_strings), seed)
                 seqs.append(Sequence(self._next_id, list(ids), len(ids), seq_params, prompt_index=i))

@@ -35,11 +35,13 @@ class RolloutWorker:
             self.engine = Engine.from_pretrained(model_path, config, dtype=cfg.model.dtype)
         self.sleep_between_steps = r.sleep_between_steps
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[Sample]:
-        """Generates; with rollout.sleep_between_steps the engine wakes first and frees its KV cache after."""
+    def generate(self, prompts: list[str], params: SamplingParams, first_index: int = 0) -> list[Sample]:
+        """Generates; with rollout.sleep_between_steps the engine wakes first and frees its KV cache after.
+        `first_index`: the global index of prompts[0] (engine replicas; m2flow's engine only)."""
         if self.sleep_between_steps:
             self.engine.wake()
-        samples = self.engine.generate(prompts, params)
+        samples = (self.engine.generate(prompts, params, first_index) if first_index
+                   else self.engine.generate(prompts, params))
         if self.sleep_between_steps:
             self.engine.sleep()
         return samples

@@ -36,9 +36,11 @@ def apply_fsdp(model: torch.nn.Module) -> torch.nn.Module:
 
     init_single_process_group()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    # one rank holds every parameter whole anyway: freeing them after forward only adds an all-gather (a copy)
+    reshard = dist.get_world_size() > 1
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
     return model
 
 

@@ -21,3 +21,28 @@ def test_default_experiment_gains_fifteen_points_on_every_seed(tmp_path):
         assert row["gain"] >= 0.15, result["table"]
         assert row["worked_share_after"] > row["worked_share_before"], result["table"]
     assert (tmp_path / "seeds" / "seeds.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_m2flow_eval_reproduces_the_demo_summary(tmp_path):
+    """`m2flow eval --greedy` on the demo's base model and its RL checkpoint (synthetic_math: the demo's held-out
+    split) gives exactly the accuracies the training summary reported (issue 16)."""
+    import json
+
+    from m2flow.cli import main
+    from m2flow.config import load_config
+    from m2flow.runner import run
+
+    cfg = load_config(None, [f"output_dir={tmp_path / 'runs'}", f"base.cache_dir={tmp_path / 'cache'}"])
+    summary = run(cfg, progress=False)
+    models = [f"base={summary['base_model']['path']}", f"rl={summary['final_checkpoint']}"]
+    out = tmp_path / "eval"
+    assert main(["eval", "--models", *models, "--benchmarks", "synthetic_math", "--greedy", "--max-new-tokens",
+                 str(cfg.eval.max_new_tokens), "--num-problems", str(cfg.eval.num_problems), "--out-dir", str(out),
+                 "--no-progress"]) == 0
+    with open(out / "results.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    n = cfg.eval.num_problems
+    assert sum(r["model"] == "base" for r in rows) == n
+    assert sum(r["correct"] for r in rows if r["model"] == "base") / n == summary["held_out_accuracy_before"]
+    assert sum(r["correct"] for r in rows if r["model"] == "rl") / n == summary["held_out_accuracy_after"]

@@ -38,7 +38,7 @@ def test_lean_head_keeps_the_tied_weight_and_names(base_model):
 def test_stats_equal_full_logits(base_model, packed, temperature):
     full = copy.deepcopy(base_model)
     lean = copy.deepcopy(base_model)
-    use_lean_head(lean, chunk=5)  # several chunks
+    use_lean_head(lean, chunk=5, one_pass_elements=0)  # several chunks, even for the micro vocabulary
     if packed:
         use_varlen_attention(full)
         use_varlen_attention(lean)
@@ -62,6 +62,7 @@ def test_lean_update_equals_full_logits_update(base_model, rollout, fsdp):  # no
         return Actor(copy.deepcopy(base_model), train, AlgorithmConfig(entropy_coef=0.01))
 
     full, lean = actor(0), actor(7)
+    lean.model.lm_head.one_pass_elements = 0  # chunks of 7 tokens under checkpointing, even for the micro vocabulary
     m_full = full.update(_prepared(full, rollout))
     m_lean = lean.update(_prepared(lean, rollout))
     for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy"):
@@ -69,3 +70,15 @@ def test_lean_update_equals_full_logits_update(base_model, rollout, fsdp):  # no
     a, b = full.state_dict(), lean.state_dict()
     # Adam moves every weight by about lr = 1e-3: the two agree to 1% of one step (float rounding of the sums)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_small_logits_take_one_pass(base_model):
+    """Below chunk x 32,768 logits the head computes them at once: the same numbers as the chunked path."""
+    ids, mask, response = _layout([6, 2, 4], [5, 1, 3])
+    stats = {}
+    for name, one_pass in (("chunked", 0), ("one pass", None)):
+        model = copy.deepcopy(base_model)
+        use_lean_head(model, chunk=4, one_pass_elements=one_pass)
+        stats[name] = response_token_stats(model, ids, mask, 5, 1.0)
+    for a, b in zip(stats["chunked"], stats["one pass"]):
+        assert ((a - b).abs() * response).max() < 1e-6

@@ -1,0 +1,65 @@
+"""Worker groups: k Ray actors (ranks) of one worker class, addressed together.
+
+The runner talks to groups, not to raw actor handles: `call(method, *args)` runs a method on every rank and
+returns the results in rank order; `ranks[r]` is one rank's handle for anything else. Today every rank of every group is placed collocated on
+the local node (scheduler/cluster.py `launch`); placing groups on disjoint device sets is the next step.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from m2flow.scheduler.cluster import launch
+
+
+class WorkerGroup:
+    def __init__(self, cls, size: int, *args, name: str, threads: int, **kwargs):
+        if size < 1:
+            raise ValueError(f"a worker group needs at least one rank, got {size}")
+        self.name = name
+        self.ranks = [launch(cls, *args, name=f"{name}-{r}", threads=threads, **kwargs) for r in range(size)]
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        """`method(*args, **kwargs)` on every rank (arguments that are ObjectRefs are fetched by each rank from
+        the object store, not sent through the driver); the results in rank order."""
+        return ray.get([getattr(r, method).remote(*args, **kwargs) for r in self.ranks])
+
+    def kill(self) -> None:
+        for r in self.ranks:
+            ray.kill(r)
+
+
+def split_by_work(weights: list[float], parts: int) -> list[range]:
+    """Contiguous ranges covering the items in order, min(parts, items) of them, none empty, each of about equal
+    total weight."""
+    n = len(weights)
+    parts, total = min(parts, n), float(sum(weights))
+    bounds, acc, k = [0], 0.0, 1
+    for i, w in enumerate(weights):
+        acc += w
+        left = n - (i + 1)  # items after this one; every part still to open needs one
+        if k < parts and left >= parts - k and (acc >= total * k / parts or left == parts - k):
+            bounds.append(i + 1)
+            k += 1
+    if n:
+        bounds.append(n)
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def generate_on_replicas(group: WorkerGroup, prompts: list[str], params, expected_work: list[float] | None = None):
+    """Samples for `prompts` from a rollout group of engine replicas: the prompts split into contiguous
+    shares of about equal expected work, each replica seeding its samples by their global prompt index, so
+    the samples are the same for any number of replicas; returned prompt-major with global prompt indices."""
+    weights = expected_work or [1.0] * len(prompts)
+    shares = split_by_work(weights, len(group))
+    parts = ray.get([group.ranks[r].generate.remote(prompts[share.start: share.stop], params, first_index=share.start)
+                     for r, share in enumerate(shares)])
+    samples = []
+    for share, part in zip(shares, parts):
+        for sample in part:
+            sample.prompt_index += share.start
+        samples.extend(part)
+    return samples
