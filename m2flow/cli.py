@@ -211,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     from m2flow.data.datasets import DataError
     from m2flow.report import print_summary
     from m2flow.resume import ResumeError
-    from m2flow.runner import NonFiniteTrainingError, StageError, run
+    from m2flow.faults import NonFiniteTrainingError, StageError
+    from m2flow.runner import run
 
     try:
         summary = run(cfg, progress=not args.no_progress)
@@ -263,7 +264,8 @@ def _bench_train(args) -> int:
     from m2flow.bench.train import format_table, run_train_benchmark
     from m2flow.config import ConfigError, load_config
     from m2flow.data.templates import format_prompt
-    from m2flow.runner import base_config, load_task
+    from m2flow.data.task import load_task
+    from m2flow.runner import base_config
     from m2flow.training.warm_start import ensure_base_model
     from transformers import AutoTokenizer
 
@@ -295,7 +297,8 @@ def _bench_vs_trl(args) -> int:
     from m2flow.bench.vs_trl import (SIDES, TRL_MISSING, Settings, m2flow_overrides, prepare_data, run_vs_trl,
                                      trl_available)
     from m2flow.config import ConfigError, load_config
-    from m2flow.runner import base_config, load_task
+    from m2flow.data.task import load_task
+    from m2flow.runner import base_config
     from m2flow.training.warm_start import ensure_base_model
 
     sides = tuple(x.strip() for x in args.sides.split(",") if x.strip())

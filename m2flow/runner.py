@@ -9,7 +9,9 @@ trainer spends compute on them; with `algorithm.dynamic_sampling_max_tries > 1`,
 `train.prompts_per_step` informative groups are found. Advantages come after the logprob pass because KL in the
 reward and GAE need the reference logprobs and the critic's values.)
 
-Everything else here is set-up (data, base model, workers) and bookkeeping (metrics, checkpoints, summary).
+Everything else here is set-up (base model, workers) and bookkeeping (metrics, checkpoints, summary). The data
+is in data/task.py, the stages' pure functions in stages.py, failure handling in faults.py and resumable
+checkpoints in resume.py.
 """
 
 from __future__ import annotations
@@ -19,37 +21,21 @@ import json
 import logging
 import os
 import random
-import re
-import socket
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import ray
 import torch
 from tqdm import tqdm
 
-from m2flow.algorithms import (
-    ADVANTAGE_ESTIMATORS,
-    KL_ESTIMATORS,
-    gae_advantages,
-    informative_groups,
-    kl_penalty_rewards,
-    masked_mean,
-    overlong_mask,
-    scale_and_clip_rewards,
-    scores_to_token_rewards,
-    soft_overlong_punishment,
-    whiten_advantages,
-)
 from m2flow.batch import RolloutBatch
 from m2flow.config import CRITIC_ESTIMATORS, BaseModelConfig, Config, save_config, validate
-from m2flow.data.datasets import BadRowError, DataError, Problem, load_problems
-from m2flow.data.synthetic import TaskSpec, make_splits
+from m2flow.data.task import PromptSampler, Task, drop_long_prompts, engine_max_len, load_task
 from m2flow.data.templates import format_prompt
 from m2flow.eval import EvalResult, evaluate
 from m2flow.eval.in_training import GenerateOnly, benchmark_metrics
 from m2flow.eval.run import Protocol
+from m2flow.faults import NonFiniteTrainingError, StageError, check_bad_steps, stage, timer, write_status
 from m2flow.io import atomic_write_text
 from m2flow.metrics import MetricsLogger, plot_metrics
 from m2flow.rewards import get_reward
@@ -69,6 +55,16 @@ from m2flow.rollout import SamplingParams
 from m2flow.scheduler.cluster import launch, start_ray, stop_ray
 from m2flow.scheduler.group import WorkerGroup, generate_on_replicas
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker
+from m2flow.stages import (
+    Round,
+    batch_metrics,
+    collect_batch,
+    compute_advantages,
+    logprob_gap,
+    old_logprobs_from_rollout,
+    prepare_round,
+    round_seed,
+)
 from m2flow.training.warm_start import ensure_base_model
 
 log = logging.getLogger(__name__)
@@ -80,192 +76,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@dataclasses.dataclass
-class Task:
-    train: list[Problem]  # RL prompts (answers only are needed)
-    held_out: list[Problem]  # never trained on
-    sft: list[Problem]  # worked solutions for the base model's warm start (synthetic task only)
-    skipped: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # split -> "file:line: reason" (data.bad_rows=skip)
-    benchmarks: list = dataclasses.field(default_factory=list)  # eval.benchmarks, loaded (m2flow.eval.benchmarks)
-    response_metrics: object = None  # the task's own measures of responses (the synthetic task's worked share)
-
-
-def load_task(cfg: Config) -> Task:
-    """The train and held-out problems (files or synthetic). A missing or empty file, or a malformed row with
-    data.bad_rows=error, raises DataError naming the file (and line)."""
-    d = cfg.data
-    synthetic = None
-    if not (d.train_path and d.eval_path and cfg.model.path):
-        sizes = {"eval": d.synthetic_eval_size, "sft": cfg.base.sft_examples, "rl": d.synthetic_train_size}
-        spec = TaskSpec(max_operand=d.synthetic_max_operand, max_multiplier=d.synthetic_max_multiplier)
-        sft_spec = dataclasses.replace(spec, direct_fraction=cfg.base.sft_direct_fraction)
-        synthetic = make_splits(sizes, seed=d.synthetic_seed, spec=spec, split_specs={"sft": sft_spec})
-    skipped: dict[str, list[str]] = {"train": [], "eval": []}
-
-    def load(path: str, split: str) -> list[Problem]:
-        try:
-            return load_problems(path, d.prompt_key, d.answer_key,
-                                 skipped=skipped[split] if d.bad_rows == "skip" else None)
-        except BadRowError as e:
-            raise DataError(f"{e}; fix the row, or set data.bad_rows=skip to skip such rows (they are counted "
-                            f"in summary.json)") from None
-
-    from m2flow.data.synthetic import response_metrics
-    from m2flow.eval.benchmarks import load_benchmark
-
-    return Task(
-        train=load(d.train_path, "train") if d.train_path else synthetic["rl"],
-        held_out=load(d.eval_path, "eval") if d.eval_path else synthetic["eval"],
-        sft=synthetic["sft"] if synthetic else [],
-        skipped=skipped,
-        benchmarks=[load_benchmark(n, cfg.eval.data_dir, cfg.eval.benchmark_problems) for n in cfg.eval.benchmarks],
-        response_metrics=None if d.eval_path else response_metrics,
-    )
-
-
-def engine_max_len(model_path: str) -> int:
-    """The rollout engine's cap on prompt + response tokens: the model's max_position_embeddings (what the
-    engine uses when EngineConfig.max_model_len is 0, as the RolloutWorker leaves it)."""
-    with open(os.path.join(model_path, "config.json")) as f:
-        return int(json.load(f).get("max_position_embeddings", 4096))
-
-
-def _prompt_tokens(problems: list[Problem], tokenizer, template: str, budget: int) -> list[int]:
-    """Prompt tokens of each problem, as the engine counts them, where they may exceed `budget`; a prompt whose
-    UTF-8 bytes plus a margin fit the budget is not tokenized (a token covers at least one byte), which keeps
-    the check of 50k short prompts to a fraction of a second (0 stands for "fits")."""
-    overhead = len(format_prompt("", tokenizer, template).encode()) + 8
-    maybe_long = [i for i, p in enumerate(problems) if len(p.question.encode()) + overhead > budget]
-    lengths = [0] * len(problems)
-    if maybe_long:
-        prompts = [format_prompt(problems[i].question, tokenizer, template) for i in maybe_long]
-        for i, ids in zip(maybe_long, tokenizer(prompts, add_special_tokens=False)["input_ids"]):
-            lengths[i] = len(ids)
-    return lengths
-
-
-def drop_long_prompts(task: Task, model_path: str, cfg: Config) -> Task:
-    """Checks that every train (eval) prompt's tokens + rollout.max_new_tokens (eval.max_new_tokens) fit the
-    engine's max length, before anything starts; a prompt that does not raises DataError naming its
-    `file:line`, or with data.bad_rows=skip is dropped and counted in task.skipped."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    limit = engine_max_len(model_path)
-    splits = {"train": (task.train, "rollout.max_new_tokens", cfg.rollout.max_new_tokens),
-              "eval": (task.held_out, "eval.max_new_tokens", cfg.eval.max_new_tokens)}
-    kept = {}
-    for split, (problems, key, new_tokens) in splits.items():
-        lengths = _prompt_tokens(problems, tokenizer, cfg.data.template, limit - new_tokens)
-        bad = [f"{p.where or f'{split} problem {i + 1}'}: {n} prompt tokens + {key}={new_tokens} > {limit} "
-               f"(max_position_embeddings in {os.path.join(model_path, 'config.json')})"
-               for i, (p, n) in enumerate(zip(problems, lengths)) if n + new_tokens > limit]
-        if bad and cfg.data.bad_rows == "error":
-            raise DataError(f"{len(bad)} {split} prompt(s) too long for the model, e.g. {bad[0]}; shorten them, "
-                            f"lower {key}, or set data.bad_rows=skip to skip them (counted in summary.json)")
-        kept[split] = [p for p, n in zip(problems, lengths) if n + new_tokens <= limit]
-        task.skipped.setdefault(split, []).extend(bad)
-        if not kept[split]:
-            raise DataError(f"no {split} problem fits the model's max length {limit}, e.g. {bad[0] if bad else '-'}")
-    for split, rows in task.skipped.items():
-        if rows:
-            log.warning("skipped %d malformed or too long %s rows (data.bad_rows=skip), e.g. %s",
-                        len(rows), split, "; ".join(rows[:3]))
-    return dataclasses.replace(task, train=kept["train"], held_out=kept["eval"])
-
-
-class PromptSampler:
-    """Epochs over the training problems in a seeded random order."""
-
-    def __init__(self, n: int, seed: int):
-        if n <= 0:
-            raise ValueError(f"PromptSampler needs at least one problem, got n={n}")
-        self.n, self.rng, self.order = n, random.Random(seed), []
-
-    def next(self, k: int) -> list[int]:
-        while len(self.order) < k:
-            self.order += self.rng.sample(range(self.n), self.n)
-        out, self.order = self.order[:k], self.order[k:]
-        return out
-
-    def state(self) -> dict:
-        """Where the sampler is (JSON-serialisable): its RNG and the rest of the current epoch's order."""
-        version, internal, gauss = self.rng.getstate()
-        return {"n": self.n, "order": list(self.order), "rng": [version, list(internal), gauss]}
-
-    def load_state(self, state: dict) -> None:
-        if state["n"] != self.n:
-            raise ValueError(f"the sampler was saved over {state['n']} training problems, but the data now has "
-                             f"{self.n}: the run cannot resume on different training data")
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
-        self.order = list(state["order"])
-
-
-@contextmanager
-def timer(times: dict[str, float], name: str):
-    """Adds the block's wall time to times["time/<name>"] (so several generation rounds add up)."""
-    start = time.perf_counter()
-    yield
-    times[f"time/{name}"] = times.get(f"time/{name}", 0.0) + time.perf_counter() - start
-
-
 def base_config(cfg: Config) -> BaseModelConfig:
     """cfg.base with its seed resolved (null = the run's seed)."""
     return cfg.base if cfg.base.seed is not None else dataclasses.replace(cfg.base, seed=cfg.seed)
-
-
-class StageError(RuntimeError):
-    """A stage of the iteration failed: the message is one line naming the stage and the worker; the original
-    error is `cause` (for a Ray worker, its remote traceback is in str(cause))."""
-
-    def __init__(self, stage_name: str, cause: BaseException):
-        self.stage, self.cause, self.worker = stage_name, cause, _worker_name(cause)
-        self.run_dir: str | None = None  # set by run(): where status.json records the failure
-        original = getattr(cause, "cause", None) or cause  # a RayTaskError carries the worker's exception
-        first = (str(original).strip().splitlines() or [""])[0]
-        super().__init__(f"stage '{stage_name}' failed in {self.worker}: {type(original).__name__}: {first}")
-
-
-def _worker_name(e: BaseException) -> str:
-    """Which worker raised: a Ray actor's method (and pid), a reward worker process, or the driver."""
-    from m2flow.rewards.limits import RewardError
-
-    if isinstance(e, ray.exceptions.RayTaskError):
-        title = (e.proctitle or e.function_name or "a Ray worker").removeprefix("ray::")
-        return f"{title} (pid {e.pid})" if e.pid else title
-    if isinstance(e, ray.exceptions.RayActorError):  # its process died: killed (OOM killer, kill -9) or crashed
-        fields = dict(re.findall(r"^\s*(class_name|pid): (\S+)$", str(e), re.MULTILINE))
-        if "class_name" in fields:
-            return f"{fields['class_name']} (pid {fields.get('pid', '?')}), whose process died"
-        return "a Ray actor whose process died" + (f" ({e.actor_id})" if getattr(e, "actor_id", None) else "")
-    if isinstance(e, RewardError):
-        return "a reward worker process"
-    return "the driver"
-
-
-@contextmanager
-def stage(times: dict[str, float], name: str):
-    """`timer(times, name)`, and an exception inside becomes a StageError naming the stage and the worker."""
-    with timer(times, name):
-        try:
-            yield
-        except (StageError, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            raise StageError(name, e) from e
-
-
-def write_status(run_dir: str, status: str, error: BaseException | None = None) -> None:
-    """<run_dir>/status.json: running | completed | failed | interrupted, the error (stage, worker, message),
-    the last periodic checkpoint (where to resume from) and the driver's host and pid."""
-    periodic = periodic_checkpoints(run_dir)
-    record: dict = {"status": status, "last_checkpoint": periodic[-1] if periodic else None,
-                    "host": socket.gethostname(), "pid": os.getpid()}
-    if error is not None:
-        record |= {"error": str(error), "error_type": type(error).__name__,
-                   "stage": getattr(error, "stage", None), "worker": getattr(error, "worker", None)}
-    atomic_write_text(os.path.join(run_dir, "status.json"), json.dumps(record, indent=2))
 
 
 def make_run_dir(cfg: Config) -> str:
@@ -467,7 +280,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                     rollout.call("load_weights", actor.state_dict.remote(), step)  # each replica fetches it
 
         samples = [s for r in rounds for s in r.samples]
-        metrics = {**_batch_metrics(rounds, train_batch, cfg), **filter_metrics, **train_metrics, **times}
+        metrics = {**batch_metrics(rounds, train_batch, cfg), **filter_metrics, **train_metrics, **times}
         if engine_stats[0] is not None:  # m2flow's engine: prefix sharing, preemptions, decode batch size
             metrics |= sum(engine_stats[1:], engine_stats[0]).metrics()
         totals["samples"] += len(samples)
@@ -518,177 +331,6 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     }
     atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
     return summary
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The stages between rollout and update, as plain functions of tensors and the config (tested one by one)
-
-
-@dataclasses.dataclass
-class Round:
-    """One generation round of a step (a step has several with dynamic sampling)."""
-
-    batch: RolloutBatch  # scores shaped, response mask overlong-filtered, group ids unique within the step
-    samples: list  # the engine's Samples, in batch order
-    raw_scores: torch.Tensor  # [B] the reward function's scores before shaping
-    lengths: torch.Tensor  # [B] response tokens, before overlong filtering
-    overlong_penalty: torch.Tensor | None  # [B] soft overlong punishment added to the scores (None: off)
-    timeouts: int = 0  # responses whose scoring ran past reward.timeout_s (scored -reward.format_penalty)
-
-
-def round_seed(seed: int, step: int, r: int) -> int:
-    """Sampling seed of round r of a step; round 0 keeps the seed a step had before dynamic sampling."""
-    return seed * 1_000_003 + step + r * (1 << 32)
-
-
-def shape_rewards(scores: torch.Tensor, lengths: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reward shaping of scores [B] given response lengths [B]: DAPO's soft overlong punishment
-    (reward.overlong_buffer > 0), then reward.scale and reward.clip. Returns (shaped scores, the overlong
-    penalty or None). With the defaults the scores come back unchanged (the same tensor)."""
-    rw = cfg.reward
-    penalty = None
-    if rw.overlong_buffer > 0:
-        penalty = soft_overlong_punishment(lengths, cfg.rollout.max_new_tokens, rw.overlong_buffer, rw.overlong_penalty)
-        scores = scores + penalty
-    if rw.scale != 1.0 or rw.clip is not None:
-        scores = scale_and_clip_rewards(scores, rw.scale, rw.clip)
-    return scores, penalty
-
-
-def prepare_round(batch: RolloutBatch, samples, raw_scores: torch.Tensor, cfg: Config, group_offset: int = 0,
-                  timeouts: int = 0) -> Round:
-    """A freshly generated and scored batch, ready for the group filter: scores shaped, truncated responses
-    masked out of the loss (algorithm.overlong_filter), group ids offset so rounds of one step never share one."""
-    lengths = batch.response_mask.sum(1)
-    batch.group_ids = batch.group_ids + group_offset
-    batch.scores, penalty = shape_rewards(raw_scores, lengths, cfg)
-    if cfg.algorithm.overlong_filter:
-        batch.response_mask = overlong_mask([s.finish_reason for s in samples], batch.response_mask)
-    return Round(batch, samples, raw_scores, lengths, penalty, timeouts)
-
-
-def informative_rows(batch: RolloutBatch) -> torch.Tensor:
-    """Row indices [K] of the samples whose group's scores differ: the others have zero group-relative
-    advantage and no policy gradient."""
-    return informative_groups(batch.scores, batch.group_ids).nonzero().reshape(-1)
-
-
-def _first_groups(batch: RolloutBatch, k: int) -> RolloutBatch:
-    """The rows of the first k groups, in order of first appearance."""
-    keep = set(list(dict.fromkeys(batch.group_ids.tolist()))[:k])  # dict keys keep first-appearance order
-    return batch.select(torch.tensor([i for i, g in enumerate(batch.group_ids.tolist()) if g in keep],
-                                     dtype=torch.long))
-
-
-def collect_batch(generate_round, cfg: Config, pad_token_id: int) -> tuple[list[Round], RolloutBatch, dict]:
-    """The training batch of one step. Without algorithm.filter_groups: one round, every sample. With it:
-    the informative groups of up to algorithm.dynamic_sampling_max_tries rounds (`generate_round(r) -> Round`),
-    stopping once train.prompts_per_step groups are kept, and cut to that many (DAPO dynamic sampling). If the
-    tries run out first, the step trains on the groups it has. Returns (rounds, train batch, metrics)."""
-    a, want = cfg.algorithm, cfg.train.prompts_per_step
-    if not a.filter_groups:
-        first = generate_round(0)
-        return [first], first.batch, {}
-    rounds, kept, n_kept = [], [], 0
-    for r in range(a.dynamic_sampling_max_tries):
-        rounds.append(generate_round(r))
-        part = rounds[-1].batch.select(informative_rows(rounds[-1].batch))
-        kept.append(part)
-        n_kept += len(torch.unique(part.group_ids))
-        if n_kept >= want:
-            break
-    train = RolloutBatch.concat(kept, pad_token_id)
-    if n_kept > want:
-        train = _first_groups(train, want)
-    generated = sum(len(torch.unique(r.batch.group_ids)) for r in rounds)
-    metrics = {"batch/sampling_rounds": float(len(rounds)),
-               "batch/dropped_groups": float(generated - n_kept),
-               "batch/kept_groups": float(min(n_kept, want))}
-    return rounds, train, metrics
-
-
-def compute_advantages(batch: RolloutBatch, cfg: Config) -> dict[str, float]:
-    """Sets batch.advantages ([B] or [B, T]) from the shaped scores: the configured estimator, with KL in
-    the reward (algorithm.kl_in_reward: needs old and reference logprobs) and batch whitening
-    (algorithm.whiten_advantages). GAE (needs batch.values) also sets batch.returns. Returns metrics."""
-    a, mask = cfg.algorithm, batch.response_mask
-    metrics: dict[str, float] = {}
-    token_rewards = None
-    if a.kl_in_reward:
-        token_rewards = kl_penalty_rewards(batch.scores, batch.old_logprobs, batch.ref_logprobs, mask, a.kl_coef,
-                                           a.kl_estimator)
-        kl = KL_ESTIMATORS.get(a.kl_estimator)(batch.old_logprobs, batch.ref_logprobs)
-        metrics["reward/kl"] = float(masked_mean(kl, mask))
-    if a.advantage == "gae":
-        rewards = token_rewards if token_rewards is not None else scores_to_token_rewards(batch.scores, mask)
-        advantages, batch.returns = gae_advantages(rewards, batch.values, mask, a.gamma, a.lam)
-    else:
-        options = {"response_mask": mask, "norm_by_std": a.norm_adv_by_std, "gamma": a.gamma}
-        if token_rewards is not None:
-            options["token_rewards"] = token_rewards
-        advantages = ADVANTAGE_ESTIMATORS.get(a.advantage)(batch.scores, batch.group_ids, **options)
-    if a.whiten_advantages:
-        advantages = whiten_advantages(advantages, mask)
-    batch.advantages = advantages
-    token_adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(-1).expand_as(mask)
-    metrics["advantage/mean"] = float(masked_mean(token_adv, mask))
-    metrics["advantage/abs_mean"] = float(masked_mean(token_adv.abs(), mask))
-    return metrics
-
-
-def old_logprobs_from_rollout(cfg: Config) -> bool:
-    """Whether the PPO ratio's old logprobs are the engine's (train.old_logprobs; auto: when the model runs in
-    float32, so the engine computes the trainer's distribution, as rollout/logprob_abs_diff shows)."""
-    if cfg.train.old_logprobs == "auto":
-        return cfg.model.dtype == "float32"
-    return cfg.train.old_logprobs == "rollout"
-
-
-def logprob_gap(batch: RolloutBatch, trainer_logprobs: torch.Tensor) -> dict[str, float]:
-    """The engine's logprobs against the trainer's on the same weights: mean and max absolute gap per token."""
-    m = batch.response_mask
-    diff = (batch.rollout_logprobs - trainer_logprobs).abs() * m
-    return {"rollout/logprob_abs_diff": float(diff.sum() / m.sum().clamp(min=1)),
-            "rollout/logprob_max_abs_diff": float(diff.max()) if m.any() else 0.0}
-
-
-def _batch_metrics(rounds: list[Round], train_batch: RolloutBatch, cfg: Config) -> dict[str, float]:
-    samples = [s for r in rounds for s in r.samples]
-    raw = torch.cat([r.raw_scores for r in rounds])
-    lengths = torch.cat([r.lengths for r in rounds])
-    out = {"batch/informative_frac": len(train_batch) / len(samples)}
-    out |= {
-        "reward/mean": float(raw.mean()),
-        "reward/accuracy": float((raw >= 1).float().mean()),
-        "response/length_mean": float(lengths.mean()),
-        "response/length_max": float(lengths.max()),
-        "response/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
-        "reward/timeouts": float(sum(r.timeouts for r in rounds)),
-    }
-    if cfg.reward.overlong_buffer > 0 or cfg.reward.scale != 1.0 or cfg.reward.clip is not None:
-        out["reward/shaped_mean"] = float(torch.cat([r.batch.scores for r in rounds]).mean())
-    if cfg.reward.overlong_buffer > 0:
-        out["reward/overlong_penalty_mean"] = float(torch.cat([r.overlong_penalty for r in rounds]).mean())
-    if cfg.algorithm.overlong_filter and len(train_batch):
-        out["batch/overlong_masked_frac"] = float((train_batch.response_mask.sum(1) == 0).float().mean())
-    return out
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """train.max_bad_steps optimizer steps in a row had a non-finite loss or gradient norm."""
-
-
-def check_bad_steps(metrics: dict[str, float], step: int, cfg: Config) -> None:
-    """Stops the run (NonFiniteTrainingError naming the step) once the actor or the critic has skipped
-    train.max_bad_steps optimizer steps in a row for a non-finite loss or gradient norm."""
-    for trainer, lr in (("actor", cfg.train.lr), ("critic", cfg.critic.lr)):
-        bad = int(metrics.get(f"{trainer}/bad_steps_in_a_row", 0))
-        if bad >= cfg.train.max_bad_steps:
-            raise NonFiniteTrainingError(
-                f"RL step {step}: the {trainer}'s last {bad} optimizer steps had a non-finite loss or gradient norm "
-                f"(train.max_bad_steps={cfg.train.max_bad_steps}); they were skipped, so its weights are those of "
-                f"the last good step. Lower the learning rate (now {lr:g}) or look for non-finite rewards or "
-                f"advantages in metrics.jsonl")
 
 
 def _warn_config_changes(cfg: Config, saved_path: str) -> None:

@@ -27,7 +27,7 @@ from m2flow.resume import (
     step_dir,
     write_checkpoint,
 )
-from m2flow.runner import PromptSampler
+from m2flow.data.task import PromptSampler
 
 
 def _parts(tmp: str) -> None:

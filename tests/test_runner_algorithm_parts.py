@@ -17,7 +17,7 @@ from m2flow.algorithms import (
 from m2flow.batch import RolloutBatch
 from m2flow.config import Config, load_config
 from m2flow.rollout.types import Sample
-from m2flow.runner import (
+from m2flow.stages import (
     collect_batch,
     compute_advantages,
     informative_rows,

@@ -11,7 +11,7 @@ import ray
 
 from m2flow.rewards import REWARDS, register_reward
 from m2flow.rewards.limits import RewardError
-from m2flow.runner import StageError, stage, write_status
+from m2flow.faults import StageError, stage, write_status
 
 EVAL_PROBLEMS = 8
 _calls = [0]
@@ -88,12 +88,14 @@ def reward_killing_the_trainer(response: str, ground_truth: str, **_options) -> 
     at the first training reward: the next stage that needs it finds it dead."""
     import signal
 
+    from m2flow.scheduler.orphans import descendants
+
     _kill_calls[0] += 1
-    if _kill_calls[0] == EVAL_PROBLEMS + 1:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
+    if _kill_calls[0] == EVAL_PROBLEMS + 1:  # this run's trainer only: a descendant of the driver (our parent)
+        for pid, _ in descendants(os.getppid()):
             try:
                 if open(f"/proc/{pid}/comm").read().startswith("ray::ActorWorke"):
-                    os.kill(int(pid), signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
     return 0.0

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from m2flow.batch import RolloutBatch
-from m2flow.runner import PromptSampler, informative_rows
+from m2flow.data.task import PromptSampler
+from m2flow.stages import informative_rows
 
 
 def _batch(scores, groups):
@@ -41,7 +42,7 @@ def test_prompt_sampler_epochs_are_permutations_and_seeded():
 def test_load_task_from_user_files(tmp_path):
     from m2flow.config import load_config
     from m2flow.data.datasets import DataError
-    from m2flow.runner import load_task
+    from m2flow.data.task import load_task
 
     (tmp_path / "train.jsonl").write_text('{"problem": "1+1?", "solution": 2}\n{"problem": "2+2?", "solution": "4"}\n')
     (tmp_path / "test.jsonl").write_text('{"problem": "3+3?", "solution": 6}\n')

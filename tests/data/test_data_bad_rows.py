@@ -10,7 +10,8 @@ import pytest
 from m2flow.cli import main
 from m2flow.config import load_config
 from m2flow.data.datasets import BadRowError, DataError, load_problems
-from m2flow.runner import PromptSampler, drop_long_prompts, load_task, run
+from m2flow.data.task import PromptSampler, drop_long_prompts, load_task
+from m2flow.runner import run
 
 GOOD = '{"question": "1+1?", "answer": 2}\n'
 

@@ -142,7 +142,7 @@ def test_pre_formatted_choice_questions_are_used_as_they_are(tmp_path) -> None:
 
 def test_synthetic_math_is_the_held_out_split_of_the_runner() -> None:
     from m2flow.config import Config
-    from m2flow.runner import load_task
+    from m2flow.data.task import load_task
 
     problems = synthetic_math()
     assert len(problems) == 500 and [p.meta["id"] for p in problems[:3]] == ["0", "1", "2"]

@@ -118,7 +118,7 @@ def test_eval_greedy_gives_the_accuracy_of_the_runners_evaluation(tmp_path, mode
     from m2flow.data.templates import format_prompt
     from m2flow.eval import evaluate
     from m2flow.rollout import SamplingParams
-    from m2flow.runner import load_task
+    from m2flow.data.task import load_task
     from m2flow.scheduler.workers import RolloutWorker
 
     cfg = load_config(None, ["eval.num_problems=16", "eval.max_new_tokens=16"])

@@ -12,7 +12,7 @@ import torch
 from m2flow.batch import RolloutBatch
 from m2flow.config import AlgorithmConfig, Config, CriticConfig, TrainConfig
 from m2flow.rollout.types import Sample
-from m2flow.runner import NonFiniteTrainingError, check_bad_steps
+from m2flow.faults import NonFiniteTrainingError, check_bad_steps
 from m2flow.training.actor import Actor
 from m2flow.training.checkpoint import NonFiniteWeightsError, save_hf_checkpoint
 from m2flow.training.critic import Critic
