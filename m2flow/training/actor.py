@@ -13,6 +13,7 @@ import torch.distributed as dist
 from m2flow.algorithms import KL_ESTIMATORS, POLICY_LOSSES, broadcast_to_tokens, entropy_from_logits, masked_mean
 from m2flow.batch import RolloutBatch
 from m2flow.config import AlgorithmConfig, TrainConfig
+from m2flow.training.data_parallel import all_ranks, all_reduce_sum, rank_micro_batches, world
 from m2flow.training.forward import batch_logprobs, response_logits, response_token_stats, token_logprobs
 from m2flow.training.packing import micro_batches, use_varlen_attention
 from m2flow.training.token_stats import use_lean_head
@@ -26,7 +27,13 @@ def init_single_process_group() -> None:
     fd, path = tempfile.mkstemp(prefix="m2flow-pg-")
     os.close(fd)
     atexit.register(lambda: os.path.exists(path) and os.unlink(path))
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    init_trainer_group(0, 1, path)
+
+
+def init_trainer_group(rank: int, world_size: int, store_path: str) -> None:
+    """The trainer's gloo process group of `world_size` ranks, meeting through the file `store_path` (every rank
+    gives the same path; the file must not exist yet or be empty)."""
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
 
 
 def apply_fsdp(model: torch.nn.Module) -> torch.nn.Module:
@@ -74,6 +81,7 @@ def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, p
     `<prefix>/skipped_steps` in this call and `<prefix>/bad_steps_in_a_row` (kept in `trainer.bad_steps_in_a_row`
     across calls, reset by a good step), which the runner compares with train.max_bad_steps."""
     trainer.model.train()
+    rank, size = world()  # data parallel over the trainer's ranks (training/data_parallel.py)
     sums: dict[str, float] = {}
     n_updates = skipped = 0
     generator = torch.Generator().manual_seed(int(batch.group_ids.sum()))
@@ -81,14 +89,20 @@ def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, p
         order = torch.randperm(len(batch), generator=generator)
         for mini in batch.select(order).split(-(-len(batch) // cfg.mini_batches)):
             trainer.optimizer.zero_grad(set_to_none=True)
-            finite = True
-            for _, mb in trainer._micro_batches(mini):
+            finite, step_sums = True, {}
+            for _, mb, real in rank_micro_batches(mini, trainer._micro_batches, rank, size):
                 loss, metrics = trainer._micro_batch_loss(mb)
-                share = trainer._share(mb, mini)
+                if not real:  # a pass that keeps FSDP2's collectives paired across ranks; no gradient
+                    (loss.nan_to_num(0.0) * 0.0).backward()
+                    continue
+                share = trainer._share(mb, mini)  # of the whole mini-batch (all ranks)
                 finite &= bool(torch.isfinite(loss.detach()))
-                (loss * share).backward()
+                (loss * share * size).backward()  # FSDP2 averages gradients over the ranks
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v * share
+                    step_sums[k] = step_sums.get(k, 0.0) + v * share
+            for k, v in all_reduce_sum(step_sums).items():
+                sums[k] = sums.get(k, 0.0) + v
+            finite = all_ranks(finite)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), grad_clip)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()

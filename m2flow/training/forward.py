@@ -67,17 +67,24 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 @torch.no_grad()
 def batch_logprobs(model, batch, temperature: float, micro_batch_size: int, max_tokens: int = 0) -> torch.Tensor:
     """Logprobs of a RolloutBatch's response tokens, micro-batched (packed with `max_tokens` > 0); 0 off the
-    response mask: [B, T]."""
+    response mask: [B, T]. On N trainer ranks each computes its share of the rows and the shares are summed."""
+    from m2flow.training.data_parallel import rank_micro_batches, world
     from m2flow.training.packing import micro_batches
-
     from m2flow.training.token_stats import lean_head
 
+    rank, size = world()
     out = torch.zeros_like(batch.response_mask)
-    for rows, mb in micro_batches(batch, micro_batch_size, max_tokens):
+    for rows, mb, real in rank_micro_batches(batch, lambda b: micro_batches(b, micro_batch_size, max_tokens), rank, size):
         T = mb.response_mask.shape[1]
         if lean_head(model) is not None:
-            out[rows] = response_token_stats(model, mb.input_ids, mb.attention_mask, T, temperature, max_tokens > 0)[0]
+            logprobs = response_token_stats(model, mb.input_ids, mb.attention_mask, T, temperature, max_tokens > 0)[0]
         else:
             logits = response_logits(model, mb.input_ids, mb.attention_mask, T, max_tokens > 0)
-            out[rows] = token_logprobs(logits, mb.input_ids[:, mb.prompt_width :], temperature)
+            logprobs = token_logprobs(logits, mb.input_ids[:, mb.prompt_width :], temperature)
+        if real:  # (a dummy pass only keeps FSDP2's collectives paired across ranks)
+            out[rows] = logprobs
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(out)  # every row was computed by exactly one rank
     return out * batch.response_mask
