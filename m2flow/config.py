@@ -137,6 +137,7 @@ class TrainConfig:
     old_logprobs: str = "auto"  # the PPO ratio's old logprobs: rollout (the engine's, no extra pass), recompute (a trainer pass), auto (rollout when model.dtype is float32: the engine computes the trainer's distribution)
     logprob_check_every: int = 10  # with rollout old logprobs, every k steps the trainer's logprobs are computed anyway and their gap logged (rollout/logprob_abs_diff); 0 = never
     fsdp: bool = True  # wrap the actor with FSDP2 (fully_shard) over the trainer's process group
+    ranks: int = 1  # trainer ranks: data parallel, FSDP2 sharding over a gloo group (each rank gets its share of the threads)
     max_bad_steps: int = 3  # optimizer steps with a non-finite loss or gradient norm are skipped and counted (actor/skipped_steps, critic/skipped_steps); this many in a row stop the run with an error
 
 
@@ -301,7 +302,8 @@ def _validate_ranges(cfg: Config, check) -> None:
                     "base.sft_steps": b.sft_steps, "base.sft_examples": b.sft_examples}
     for key, value in non_negative.items():
         check(value >= 0, f"{key} must be >= 0, got {value}")
-    positive = {"rollout.n": r.n, "rollout.replicas": r.replicas, "eval.num_problems": cfg.eval.num_problems,
+    positive = {"rollout.n": r.n, "rollout.replicas": r.replicas, "train.ranks": t.ranks,
+                "eval.num_problems": cfg.eval.num_problems,
                 "reward.workers": rw.workers,
                 "train.max_bad_steps": t.max_bad_steps,
                 "data.synthetic_train_size": d.synthetic_train_size, "data.synthetic_eval_size": d.synthetic_eval_size,
@@ -322,6 +324,8 @@ def _validate_ranges(cfg: Config, check) -> None:
 
 
 def _validate_rollout(cfg: Config, check) -> None:
+    check(cfg.train.ranks == 1 or cfg.train.fsdp,
+          f"train.ranks={cfg.train.ranks} needs train.fsdp=true (FSDP2 averages the ranks' gradients)")
     r = cfg.rollout
     check(r.replicas == 1 or r.backend == "m2flow",
           f"rollout.replicas={r.replicas} needs rollout.backend=m2flow (its per-prompt seeding makes the samples "

@@ -151,13 +151,18 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     replicas = cfg.rollout.replicas  # engine replicas, data-parallel (each with its share of the threads)
     rollout = WorkerGroup(RolloutWorker, replicas, model_path, cfg, name=f"rollout-{os.getpid()}",
                           threads=max(threads // replicas, 1))
-    actor = launch(ActorWorker, model_path, cfg, name=f"actor-{os.getpid()}", threads=threads)
+    ranks = cfg.train.ranks  # the trainer group: FSDP2 over a gloo group of this many ranks, data parallel
+    store = os.path.join(run_dir, ".trainer-rendezvous")  # a file store (no port); a killed run's is stale
+    if os.path.exists(store):
+        os.unlink(store)
+    actor = WorkerGroup(ActorWorker, ranks, model_path, cfg, name=f"actor-{os.getpid()}", threads=max(threads // ranks, 1),
+                        rank_kwargs=lambda r: {"rank": r, "world_size": ranks, "store": store})
     reference = (launch(ReferenceWorker, model_path, cfg, name=f"reference-{os.getpid()}", threads=threads)
                  if cfg.algorithm.kl_coef > 0 else None)
     critic = (launch(CriticWorker, model_path, cfg, name=f"critic-{os.getpid()}", threads=threads)
               if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None)
     if workers is not None:
-        workers.extend([*rollout.ranks, *(h for h in (actor, reference, critic) if h is not None)])
+        workers.extend([*rollout.ranks, *actor.ranks, *(h for h in (reference, critic) if h is not None)])
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -195,6 +200,13 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                 **{f"eval/{b}/{m}": v for b, found in benchmarks.items() for m, v in found.items()}}
 
     skipped = {split: len(rows) for split, rows in task.skipped.items()}
+    def sync_weights(version: int) -> None:
+        """The trainer's weights into every engine replica: the trainer ranks gather them (rank 0 returns the
+        full state dict, once, into the object store) and each replica fetches it from there."""
+        gathered = actor.remote("state_dict")
+        rollout.call("load_weights", gathered[0], version)
+        ray.get(gathered)
+
     sampler = PromptSampler(len(task.train), cfg.seed)
     rollout_old = old_logprobs_from_rollout(cfg)
     log.info("old logprobs: %s", "the rollout engine's (train.old_logprobs=recompute for a trainer pass)"
@@ -210,9 +222,9 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     else:  # everything the straight run would hold at this point: weights, optimizers, sampler, RNGs, totals
         state = load_run_state(checkpoint)
         with stage({}, "resume"):
-            ray.get([actor.load_state.remote(checkpoint)] +
+            ray.get([*actor.remote("load_state", checkpoint)] +
                     ([critic.load_state.remote(os.path.join(checkpoint, CRITIC))] if critic else []))
-            rollout.call("load_weights", actor.state_dict.remote(), state["policy_version"])
+            sync_weights(state["policy_version"])
         sampler.load_state(state["sampler"])
         set_rng_state(state["rng"])
         before, totals, first_step = EvalResult(**state["before"]), state["totals"], state["step"] + 1
@@ -222,7 +234,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
 
     def save_checkpoint(step: int) -> None:
         def write_parts(tmp: str) -> None:
-            ray.get([actor.save_state.remote(tmp)] +
+            ray.get([*actor.remote("save_state", tmp)] +
                     ([critic.save_state.remote(os.path.join(tmp, CRITIC))] if critic else []))
         write_checkpoint(run_dir, step, write_parts, {
             "policy_version": step, "sampler": sampler.state(), "rng": rng_state(), "totals": totals,
@@ -259,10 +271,11 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                     # the trainer's pass is skipped when the engine's logprobs are the old ones (but for a check)
                     check = not rollout_old or (cfg.train.logprob_check_every > 0
                                                 and step % cfg.train.logprob_check_every == 0)
-                    old_ref = actor.compute_logprobs.remote(train_batch) if check else None
+                    batch_ref = ray.put(train_batch)  # one copy in the object store for every trainer rank
+                    old_refs = actor.remote("compute_logprobs", batch_ref) if check else None
                     ref_ref = reference.compute_logprobs.remote(train_batch) if reference else None
                     values_ref = critic.compute_values.remote(train_batch) if critic else None
-                    trainer_logprobs = ray.get(old_ref) if check else None
+                    trainer_logprobs = ray.get(old_refs)[0] if check else None  # every rank returns them all
                     train_batch.old_logprobs = (train_batch.rollout_logprobs * train_batch.response_mask
                                                 if rollout_old else trainer_logprobs)
                     train_batch.ref_logprobs = ray.get(ref_ref) if ref_ref else None
@@ -275,9 +288,9 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                     with stage(times, "critic_update"):
                         train_metrics |= ray.get(critic.update.remote(train_batch))
                 with stage(times, "update"):
-                    train_metrics |= ray.get(actor.update.remote(train_batch))
+                    train_metrics |= actor.call("update", ray.put(train_batch))[0]  # the same on every rank
                 with stage(times, "weight_sync"):
-                    rollout.call("load_weights", actor.state_dict.remote(), step)  # each replica fetches it
+                    sync_weights(step)
 
         samples = [s for r in rounds for s in r.samples]
         metrics = {**batch_metrics(rounds, train_batch, cfg), **filter_metrics, **train_metrics, **times}
@@ -301,7 +314,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     metrics_log.log(cfg.train.steps, eval_metrics(after, benchmarks_after))
     metrics_log.close()
     with stage({}, "checkpoint"):
-        final_dir = ray.get(actor.save_checkpoint.remote(os.path.join(run_dir, "checkpoints", "final")))
+        final_dir = actor.call("save_checkpoint", os.path.join(run_dir, "checkpoints", "final"))[0]
     plot_metrics(metrics_log.path, os.path.join(run_dir, "metrics.png"),
                  ["reward/mean", "eval/accuracy", "eval/worked_share", "response/length_mean", "actor/entropy", "actor/pg_clip_frac",
                   "actor/grad_norm", "time/step"])

@@ -13,19 +13,25 @@ from m2flow.scheduler.cluster import launch
 
 
 class WorkerGroup:
-    def __init__(self, cls, size: int, *args, name: str, threads: int, **kwargs):
+    def __init__(self, cls, size: int, *args, name: str, threads: int, rank_kwargs=None, **kwargs):
+        """`rank_kwargs(r)`: extra constructor arguments of rank r (e.g. its rank and the group's rendezvous)."""
         if size < 1:
             raise ValueError(f"a worker group needs at least one rank, got {size}")
         self.name = name
-        self.ranks = [launch(cls, *args, name=f"{name}-{r}", threads=threads, **kwargs) for r in range(size)]
+        self.ranks = [launch(cls, *args, name=f"{name}-{r}", threads=threads, **kwargs,
+                             **(rank_kwargs(r) if rank_kwargs else {})) for r in range(size)]
 
     def __len__(self) -> int:
         return len(self.ranks)
 
+    def remote(self, method: str, *args, **kwargs) -> list:
+        """`method(*args, **kwargs)` started on every rank (ObjectRef arguments are fetched by each rank from the
+        object store, not sent through the driver); the ObjectRefs of the results, in rank order."""
+        return [getattr(r, method).remote(*args, **kwargs) for r in self.ranks]
+
     def call(self, method: str, *args, **kwargs) -> list:
-        """`method(*args, **kwargs)` on every rank (arguments that are ObjectRefs are fetched by each rank from
-        the object store, not sent through the driver); the results in rank order."""
-        return ray.get([getattr(r, method).remote(*args, **kwargs) for r in self.ranks])
+        """`remote(...)`, waited for: the results in rank order."""
+        return ray.get(self.remote(method, *args, **kwargs))
 
     def kill(self) -> None:
         for r in self.ranks:

@@ -7,7 +7,7 @@ import torch
 from m2flow.batch import RolloutBatch
 from m2flow.config import Config
 from m2flow.rollout import Engine, EngineConfig, GenerateStats, HFEngine, Sample, SamplingParams
-from m2flow.training.actor import Actor
+from m2flow.training.actor import Actor, init_trainer_group
 from m2flow.training.critic import Critic, load_value_model
 from m2flow.training.checkpoint import load_hf_model, load_trainer, save_hf_checkpoint, save_trainer
 from m2flow.training.forward import batch_logprobs
@@ -55,8 +55,15 @@ class RolloutWorker:
 
 
 class ActorWorker:
-    def __init__(self, model_path: str, cfg: Config, threads: int = 1):
+    """One rank of the trainer group (train.ranks): with several, they form a gloo process group through the
+    file `store` and FSDP2 shards the policy over them; rank 0 returns the full weights and writes files."""
+
+    def __init__(self, model_path: str, cfg: Config, threads: int = 1, rank: int = 0, world_size: int = 1,
+                 store: str = ""):
         _setup(threads, cfg.seed)
+        self.rank = rank
+        if world_size > 1:
+            init_trainer_group(rank, world_size, store)
         model, self.tokenizer = load_hf_model(model_path, cfg.model.dtype)
         self.actor = Actor(model, cfg.train, cfg.algorithm, temperature=cfg.rollout.temperature)
 
@@ -70,7 +77,8 @@ class ActorWorker:
         return self.actor.state_dict()
 
     def save_checkpoint(self, path: str) -> str:
-        return save_hf_checkpoint(path, self.actor.hf_config, self.actor.state_dict(), self.tokenizer)
+        weights = self.actor.state_dict()  # collective on N ranks: rank 0 gets the full weights and writes
+        return save_hf_checkpoint(path, self.actor.hf_config, weights, self.tokenizer) if self.rank == 0 else path
 
     def save_state(self, path: str) -> None:
         """The policy as an HF checkpoint in directory `path`, plus the trainer's state (optimizer, LR schedule, RNG)."""

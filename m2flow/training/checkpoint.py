@@ -93,6 +93,8 @@ def save_trainer_state(path: str, model: torch.nn.Module, optimizer, scheduler, 
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         optim = optimizer.state_dict()
+    if _rank() != 0:  # the gathers above are collective; rank 0 holds the full state and writes it
+        return
     state = {"optimizer": optim, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
              "extra": extra}
     torch.save(state, os.path.join(path, TRAINER_STATE))
@@ -120,9 +122,10 @@ def save_trainer(path: str, trainer, tokenizer=None) -> None:
     """A trainer's (the actor's or the critic's: `model`, `optimizer`, `scheduler`, `bad_steps_in_a_row`)
     resumable state into directory `path`: its weights as an HF checkpoint (with `tokenizer`) and
     trainer_state.pt. Refuses non-finite weights."""
-    weights = full_state_dict(trainer.model)
-    check_finite(path, weights)
-    write_hf_files(path, trainer.model.config, weights, tokenizer)
+    weights = full_state_dict(trainer.model)  # collective on N ranks: rank 0 gets the weights
+    if _rank() == 0:
+        check_finite(path, weights)
+        write_hf_files(path, trainer.model.config, weights, tokenizer)
     save_trainer_state(path, trainer.model, trainer.optimizer, trainer.scheduler,
                        {"bad_steps_in_a_row": trainer.bad_steps_in_a_row})
 
@@ -132,6 +135,10 @@ def load_trainer(path: str, trainer) -> None:
     load_weights_into(trainer.model, path)
     extra = load_trainer_state(path, trainer.model, trainer.optimizer, trainer.scheduler)
     trainer.bad_steps_in_a_row = int(extra["bad_steps_in_a_row"])
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:
