@@ -70,7 +70,7 @@ class DataConfig:
 class RolloutConfig:
     backend: str = "m2flow"  # generation engine: m2flow (paged KV cache, continuous batching) | hf (transformers generate, the reference)
     n: int = 8  # samples per prompt (the GRPO group)
-    replicas: int = 1  # engine replicas (data-parallel, m2flow backend): prompts split by expected work, samples identical for any count
+    replicas: int = 1  # engine replicas (data-parallel, m2flow backend): prompts split in equal contiguous shares, samples identical for any count
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling threshold (1.0 = off)
     top_k: int = 0  # top-k sampling (0 = off)

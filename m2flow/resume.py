@@ -173,8 +173,8 @@ def find_run_to_resume(resume: str, output_dir: str, name: str) -> str | None:
         if not periodic_checkpoints(resume):
             raise ResumeError(f"resume={resume}: no complete checkpoint in {os.path.join(resume, CHECKPOINTS)} "
                               f"(periodic checkpoints are written every checkpoint.every steps); nothing to resume")
-        if _still_running(resume):
-            raise ResumeError(f"resume={resume}: that run is still running (pid {_still_running(resume)}); stop it first")
+        if pid := _still_running(resume):
+            raise ResumeError(f"resume={resume}: that run is still running (pid {pid}); stop it first")
         if run_status(resume) == "completed":
             raise ResumeError(f"resume={resume}: that run completed (status.json); start a new run from its final "
                               f"weights with model.path={os.path.join(resume, CHECKPOINTS, 'final')}")
@@ -184,11 +184,12 @@ def find_run_to_resume(resume: str, output_dir: str, name: str) -> str | None:
         log.info("resume=auto: no earlier run named %r in %s; starting a new run", name, output_dir)
         return None
     newest = runs[-1]
-    if _still_running(newest):
-        raise ResumeError(f"resume=auto: the newest run {newest} is still running (pid {_still_running(newest)}); "
+    if pid := _still_running(newest):
+        raise ResumeError(f"resume=auto: the newest run {newest} is still running (pid {pid}); "
                           f"stop it first, or give the new run another name")
-    if run_status(newest) == "completed" or not periodic_checkpoints(newest):
+    completed = run_status(newest) == "completed"
+    if completed or not periodic_checkpoints(newest):
         log.info("resume=auto: the newest run %s %s; starting a new run", newest,
-                 "completed" if run_status(newest) == "completed" else "has no complete checkpoint")
+                 "completed" if completed else "has no complete checkpoint")
         return None
     return newest

@@ -186,13 +186,15 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
             return evaluate(generate, held_out, held_out_prompts, greedy, score_batch=lambda rs, ts: scorer(rs, ts)[0],
                             response_metrics=task.response_metrics)
 
+    benchmark_engine = GenerateOnly(generate, tokenizer, engine_max_len(model_path))
+
     def benchmark_eval(step: int) -> dict[str, dict[str, float]]:
         """eval.benchmarks with k samples per problem ({} without any); samples in <run_dir>/eval/step_N/."""
         if not task.benchmarks:
             return {}
         with stage({}, "eval"):
-            return benchmark_metrics(GenerateOnly(generate, tokenizer, engine_max_len(model_path)), task.benchmarks,
-                                     protocol, os.path.join(run_dir, "eval", f"step_{step:06d}"))
+            return benchmark_metrics(benchmark_engine, task.benchmarks, protocol,
+                                     os.path.join(run_dir, "eval", f"step_{step:06d}"))
 
     def eval_metrics(result: EvalResult, benchmarks: dict[str, dict[str, float]]) -> dict[str, float]:
         return {"eval/accuracy": result.accuracy, "eval/response_tokens": result.mean_response_tokens,
@@ -200,6 +202,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                 **{f"eval/{b}/{m}": v for b, found in benchmarks.items() for m, v in found.items()}}
 
     skipped = {split: len(rows) for split, rows in task.skipped.items()}
+
     def sync_weights(version: int) -> None:
         """The trainer's weights into every engine replica: the trainer ranks gather them (rank 0 returns the
         full state dict, once, into the object store) and each replica fetches it from there."""
@@ -271,10 +274,11 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                     # the trainer's pass is skipped when the engine's logprobs are the old ones (but for a check)
                     check = not rollout_old or (cfg.train.logprob_check_every > 0
                                                 and step % cfg.train.logprob_check_every == 0)
-                    batch_ref = ray.put(train_batch)  # one copy in the object store for every trainer rank
+                    # one copy in the object store for every worker that reads the batch
+                    batch_ref = ray.put(train_batch) if check or reference or critic else None
                     old_refs = actor.remote("compute_logprobs", batch_ref) if check else None
-                    ref_ref = reference.compute_logprobs.remote(train_batch) if reference else None
-                    values_ref = critic.compute_values.remote(train_batch) if critic else None
+                    ref_ref = reference.compute_logprobs.remote(batch_ref) if reference else None
+                    values_ref = critic.compute_values.remote(batch_ref) if critic else None
                     trainer_logprobs = ray.get(old_refs)[0] if check else None  # every rank returns them all
                     train_batch.old_logprobs = (train_batch.rollout_logprobs * train_batch.response_mask
                                                 if rollout_old else trainer_logprobs)

@@ -14,6 +14,16 @@ from m2flow.rewards.limits import RewardError
 from m2flow.faults import StageError, stage, write_status
 
 EVAL_PROBLEMS = 8
+
+
+def _micro(tmp_path, reward: str) -> list[str]:
+    """A 2-step run of a micro model scored by `reward` (one reward worker, so its call count is the run's)."""
+    return ["base.hidden_size=32", "base.num_layers=2", "base.num_heads=4", "base.num_kv_heads=2",
+            "base.intermediate_size=64", "base.sft_examples=32", "base.sft_steps=2", "base.sft_batch_size=16",
+            "data.synthetic_train_size=32", "data.synthetic_eval_size=8", f"eval.num_problems={EVAL_PROBLEMS}",
+            "eval.max_new_tokens=8", "rollout.max_new_tokens=8", "rollout.n=2", "train.prompts_per_step=2",
+            "train.micro_batch_size=4", "train.steps=2", "cluster.num_cpus=2", "reward.workers=1",
+            f"reward.name={reward}", f"output_dir={tmp_path / 'runs'}", f"base.cache_dir={tmp_path / 'cache'}"]
 _calls = [0]
 
 
@@ -64,12 +74,7 @@ def test_failing_reward_worker_stops_the_run(tmp_path, capsys):
     """End to end through Ray and the CLI on a micro model: one line, the original error, exit 1, status.json."""
     from m2flow.cli import main
 
-    micro = ["base.hidden_size=32", "base.num_layers=2", "base.num_heads=4", "base.num_kv_heads=2",
-             "base.intermediate_size=64", "base.sft_examples=32", "base.sft_steps=2", "base.sft_batch_size=16",
-             "data.synthetic_train_size=32", "data.synthetic_eval_size=8", f"eval.num_problems={EVAL_PROBLEMS}",
-             "eval.max_new_tokens=8", "rollout.max_new_tokens=8", "rollout.n=2", "train.prompts_per_step=2",
-             "train.micro_batch_size=4", "train.steps=2", "cluster.num_cpus=2", "reward.workers=1",
-             "reward.name=faults_raising", f"output_dir={tmp_path / 'runs'}", f"base.cache_dir={tmp_path / 'cache'}"]
+    micro = _micro(tmp_path, "faults_raising")
     assert main(["train", *micro, "--no-progress"]) == 1
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if x.startswith("m2flow: run failed:"))
@@ -111,12 +116,7 @@ def test_killed_trainer_worker_stops_the_run(tmp_path, capsys):
     from m2flow.cli import main
     from m2flow.scheduler.orphans import descendants
 
-    micro = ["base.hidden_size=32", "base.num_layers=2", "base.num_heads=4", "base.num_kv_heads=2",
-             "base.intermediate_size=64", "base.sft_examples=32", "base.sft_steps=2", "base.sft_batch_size=16",
-             "data.synthetic_train_size=32", "data.synthetic_eval_size=8", f"eval.num_problems={EVAL_PROBLEMS}",
-             "eval.max_new_tokens=8", "rollout.max_new_tokens=8", "rollout.n=2", "train.prompts_per_step=2",
-             "train.micro_batch_size=4", "train.steps=2", "cluster.num_cpus=2", "reward.workers=1",
-             "reward.name=faults_killing", f"output_dir={tmp_path / 'runs'}", f"base.cache_dir={tmp_path / 'cache'}"]
+    micro = _micro(tmp_path, "faults_killing")
     before = set(descendants(os.getpid()))
     assert main(["train", *micro, "--no-progress"]) == 1
     err = capsys.readouterr().err

@@ -55,12 +55,12 @@ def split_by_work(weights: list[float], parts: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def generate_on_replicas(group: WorkerGroup, prompts: list[str], params, expected_work: list[float] | None = None):
-    """Samples for `prompts` from a rollout group of engine replicas: the prompts split into contiguous
-    shares of about equal expected work, each replica seeding its samples by their global prompt index, so
-    the samples are the same for any number of replicas; returned prompt-major with global prompt indices."""
-    weights = expected_work or [1.0] * len(prompts)
-    shares = split_by_work(weights, len(group))
+def generate_on_replicas(group: WorkerGroup, prompts: list[str], params):
+    """Samples for `prompts` from a rollout group of engine replicas: the prompts split into contiguous equal
+    shares (every prompt gets params.n samples of up to params.max_new_tokens), each replica seeding its samples
+    by their global prompt index, so the samples are the same for any number of replicas; returned prompt-major
+    with global prompt indices."""
+    shares = split_by_work([1.0] * len(prompts), len(group))
     parts = ray.get([group.ranks[r].generate.remote(prompts[share.start: share.stop], params, first_index=share.start)
                      for r, share in enumerate(shares)])
     samples = []

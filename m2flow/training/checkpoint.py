@@ -15,6 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from m2flow.training.actor import full_state_dict
+from m2flow.training.data_parallel import world
 
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
@@ -93,7 +94,7 @@ def save_trainer_state(path: str, model: torch.nn.Module, optimizer, scheduler, 
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         optim = optimizer.state_dict()
-    if _rank() != 0:  # the gathers above are collective; rank 0 holds the full state and writes it
+    if world()[0] != 0:  # the gathers above are collective; rank 0 holds the full state and writes it
         return
     state = {"optimizer": optim, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
              "extra": extra}
@@ -123,7 +124,7 @@ def save_trainer(path: str, trainer, tokenizer=None) -> None:
     resumable state into directory `path`: its weights as an HF checkpoint (with `tokenizer`) and
     trainer_state.pt. Refuses non-finite weights."""
     weights = full_state_dict(trainer.model)  # collective on N ranks: rank 0 gets the weights
-    if _rank() == 0:
+    if world()[0] == 0:
         check_finite(path, weights)
         write_hf_files(path, trainer.model.config, weights, tokenizer)
     save_trainer_state(path, trainer.model, trainer.optimizer, trainer.scheduler,
@@ -135,10 +136,6 @@ def load_trainer(path: str, trainer) -> None:
     load_weights_into(trainer.model, path)
     extra = load_trainer_state(path, trainer.model, trainer.optimizer, trainer.scheduler)
     trainer.bad_steps_in_a_row = int(extra["bad_steps_in_a_row"])
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _is_sharded(model: torch.nn.Module) -> bool:

@@ -36,6 +36,8 @@ def balanced_split(lengths: list[int], parts: int) -> list[torch.Tensor]:
 def rank_micro_batches(mini, micro_batches_of, rank: int, size: int) -> list[tuple[torch.Tensor, object, bool]]:
     """This rank's (rows of `mini`, micro-batch, real) triples, padded with dummy micro-batches (real=False) to
     the largest count over ranks. `micro_batches_of(batch)` gives (rows, micro-batch) pairs."""
+    if size == 1:  # the whole mini-batch, as is
+        return [(rows, mb, True) for rows, mb in micro_batches_of(mini)]
     parts = balanced_split(mini.attention_mask.sum(1).tolist(), size)
     per_rank = [micro_batches_of(mini.select(p)) if len(p) else [] for p in parts]
     mine = [(parts[rank][rows], mb, True) for rows, mb in per_rank[rank]]
