@@ -38,15 +38,16 @@ class BaseModelConfig:
 
     cache_dir: str = ".cache/m2flow/base"  # where the built base model is cached and reused
     hidden_size: int = 128  # transformer width
-    num_layers: int = 4  # transformer blocks
+    num_layers: int = 2  # transformer blocks
     num_heads: int = 4  # attention heads
     num_kv_heads: int = 2  # key/value heads (GQA)
     intermediate_size: int = 384  # SwiGLU hidden size
-    sft_examples: int = 3000  # demonstrations for the supervised warm start (deliberately limited)
+    sft_examples: int = 12000  # demonstrations for the supervised warm start
     sft_direct_fraction: float = 0.28  # share of demonstrations that give only the final answer, no worked steps
-    sft_steps: int = 1500  # optimizer steps of supervised warm start
-    sft_batch_size: int = 64  # sequences per supervised step
+    sft_steps: int = 4000  # optimizer steps of supervised warm start
+    sft_batch_size: int = 16  # sequences per supervised step
     sft_lr: float = 3e-3  # peak learning rate of supervised warm start (cosine decay)
+    sft_final_lr_fraction: float = 0.0  # the cosine decay ends at this fraction of sft_lr (0 = decays to zero, so the base ends at a plateau)
     plateau_check_fraction: float = 0.75  # also evaluate the base at this fraction of sft_steps (plateau evidence)
     seed: Optional[int] = None  # seed of the base model's init and SFT order; null = the run's `seed`
 
@@ -58,10 +59,10 @@ class DataConfig:
     prompt_key: str = "question"  # field holding the problem text
     answer_key: str = "answer"  # field holding the ground-truth final answer
     template: str = "chat"  # prompt template: chat (tokenizer's chat template) | plain (question as is)
-    synthetic_train_size: int = 50000  # synthetic RL problems (answers only, no worked solutions)
+    synthetic_train_size: int = 10000  # synthetic RL problems (answers only, no worked solutions)
     synthetic_eval_size: int = 500  # synthetic held-out problems, disjoint from every training split
     synthetic_seed: int = 7  # seed of the synthetic problem generator
-    synthetic_max_operand: int = 30  # synthetic problems draw +/- operands from 1..this
+    synthetic_max_operand: int = 9  # synthetic problems draw +/- operands from 1..this
     synthetic_max_multiplier: int = 9  # synthetic problems multiply by 2..this
     bad_rows: str = "error"  # rows with no/empty question or answer or invalid JSON, and prompts whose tokens + max_new_tokens exceed the model's max_position_embeddings: error (stop at start-up naming file:line) | skip (drop them; counted in summary.json and metrics as data/*_skipped)
 
@@ -125,7 +126,7 @@ class RewardConfig:
 class TrainConfig:
     steps: int = 30  # RL iterations
     prompts_per_step: int = 64  # prompts per iteration (each sampled rollout.n times)
-    lr: float = 1e-4  # actor learning rate (AdamW, constant after warmup)
+    lr: float = 5e-4  # actor learning rate (AdamW, constant after warmup)
     warmup_steps: int = 0  # linear learning-rate warmup
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm
@@ -287,6 +288,7 @@ def _validate_ranges(cfg: Config, check) -> None:
     finite_positive = {"train.lr": t.lr, "reward.timeout_s": rw.timeout_s, "base.sft_lr": b.sft_lr}
     for key, value in finite_positive.items():
         check(math.isfinite(value) and value > 0, f"{key} must be a finite number > 0, got {value}")
+    check(0 <= b.sft_final_lr_fraction <= 1, f"base.sft_final_lr_fraction must be in [0, 1], got {b.sft_final_lr_fraction}")
     check(math.isfinite(cfg.critic.lr), f"critic.lr must be a finite number, got {cfg.critic.lr}")
     check(math.isfinite(r.temperature), f"rollout.temperature must be a finite number >= 0, got {r.temperature}")
     check(t.grad_clip > 0, f"train.grad_clip must be > 0, got {t.grad_clip}")

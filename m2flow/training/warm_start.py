@@ -71,7 +71,8 @@ def ensure_base_model(
 
     pairs = [(format_prompt(p.question, tokenizer, template), p.solution) for p in sft]
     losses = sft_train(model, tokenizer, pairs, steps=base.sft_steps, batch_size=base.sft_batch_size,
-                       lr=base.sft_lr, seed=base.seed, on_step=on_step, progress=progress)
+                       lr=base.sft_lr, final_lr_fraction=base.sft_final_lr_fraction, seed=base.seed, on_step=on_step,
+                       progress=progress)
     info = {
         "parameters": num_parameters(model),
         "sft_examples": len(sft),
