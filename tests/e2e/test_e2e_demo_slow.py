@@ -1,7 +1,9 @@
-"""The default experiment itself, for two seeds (about 10 minutes on 2 CPU cores): `make test-slow`.
+"""The default experiment itself, for two seeds (about 13 minutes on 2 CPU cores): `make test-slow`.
 
 Each seed builds its own base model and runs GRPO; every seed must gain at least 15 points of held-out
-accuracy (the floor the README's seed table is held to)."""
+accuracy (the floor the README's seed table is held to), and its base must be near an SFT plateau (the
+last quarter of SFT adds under 3.5 points; 1.6 to 3.0 over seeds 0-4 on a 2-core AMD EPYC, 3 to 6 for the
+previous default, whose skill was still emerging there)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ def test_default_experiment_gains_fifteen_points_on_every_seed(tmp_path):
     for row in result["rows"]:
         assert row["gain"] >= 0.15, result["table"]
         assert row["worked_share_after"] > row["worked_share_before"], result["table"]
+        at_three_quarters, at_end = row["base_accuracy_by_sft_step"].values()
+        assert at_end - at_three_quarters < 0.035, result["table"]
     assert (tmp_path / "seeds" / "seeds.png").stat().st_size > 1000
 
 
