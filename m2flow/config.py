@@ -47,7 +47,7 @@ class BaseModelConfig:
     sft_steps: int = 4000  # optimizer steps of supervised warm start
     sft_batch_size: int = 16  # sequences per supervised step
     sft_lr: float = 3e-3  # peak learning rate of supervised warm start (cosine decay)
-    sft_final_lr_fraction: float = 0.0  # the cosine decay ends at this fraction of sft_lr (0 = decays to zero, so the base ends at a plateau)
+    sft_final_lr_fraction: float = 0.0  # the cosine decay ends at this fraction of sft_lr (0 = decays to zero: the base ends near a plateau)
     plateau_check_fraction: float = 0.75  # also evaluate the base at this fraction of sft_steps (plateau evidence)
     seed: Optional[int] = None  # seed of the base model's init and SFT order; null = the run's `seed`
 
