@@ -24,7 +24,8 @@ on GPU the decode step against the memory-bandwidth bound) and writes benchmarks
 
 BENCH_TRAIN_HELP = """Trainer throughput on the demo's workload: one real step's rollout batch (the base model's samples
 for train.prompts_per_step prompts, scored, GRPO advantages), then the old-logprob pass and the update timed on a
-fresh copy of the model with padded micro-batches and with sequence packing at each --budgets value. Prints
+fresh copy of the model with padded micro-batches and with sequence packing at each --budgets value (a prompt
+computed once per sample, and once for all its samples: train.share_prompts). Prints
 seconds, update tokens/s (real tokens) and speed-ups against padded micro-batches, measured in the same run."""
 
 BENCH_MEMORY_HELP = """Peak memory of one actor update with a large vocabulary: full logits against memory-lean chunked

@@ -134,6 +134,7 @@ class TrainConfig:
     epochs: int = 1  # passes over the iteration's batch
     micro_batch_size: int = 128  # sequences per forward/backward (gradient accumulation below a mini-batch), when not packing
     max_tokens_per_microbatch: int = 4096  # sequence packing: micro-batches of whole sequences with at most this many real tokens (a longer sequence goes alone), no padding computed; 0 = micro_batch_size padded rows
+    share_prompts: bool = True  # packed micro-batches compute a prompt once for all its samples (each response attends to that one copy: the same numbers, fewer tokens); false: once per sample
     logits_chunk_tokens: int = 1024  # memory-lean logprobs and entropy: the LM head's logits computed (and recomputed in backward) this many tokens at a time, never [tokens, vocab] at once; 0 = all at once
     old_logprobs: str = "auto"  # the PPO ratio's old logprobs: rollout (the engine's, no extra pass), recompute (a trainer pass), auto (rollout when model.dtype is float32: the engine computes the trainer's distribution)
     logprob_check_every: int = 10  # with rollout old logprobs, every k steps the trainer's logprobs are computed anyway and their gap logged (rollout/logprob_abs_diff); 0 = never

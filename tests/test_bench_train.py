@@ -17,9 +17,10 @@ def test_train_benchmark_runs_every_variant_on_the_same_batch(tmp_path, make_mic
                                  out_dir=str(tmp_path / "out"))
     assert result["sequences"] == 6
     assert 0 < result["real_tokens"] <= result["padded_tokens"]
+    assert 0 < result["shared_prompt_tokens"] < result["real_tokens"]  # 3 prompts x 2 samples: each prompt once
     names = [r["variant"] for r in result["rows"]]
-    assert names == ["padded, micro_batch_size=3", "packed, max_tokens_per_microbatch=64",
-                     "packed, max_tokens_per_microbatch=256"]
+    assert names == ["padded, micro_batch_size=3"] + [
+        f"packed, max_tokens_per_microbatch={b}, {s}" for b in (64, 256) for s in ("a prompt per sample", "shared prompts")]
     first = result["rows"][0]
     assert first["speedup_update"] == 1.0
     assert first["trainer_s_recompute"] == first["logprobs_s"] + first["update_s"]

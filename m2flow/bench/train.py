@@ -1,5 +1,6 @@
 """The trainer benchmark (`m2flow bench train`): the trainer's share of an RL step on the demo's workload,
-padded micro-batches against packed ones, measured in the same run.
+padded micro-batches against packed ones (each prompt computed once per sample, and once for all its samples),
+measured in the same run.
 
 The workload is one real step of the demo: the base model samples `rollout.n` responses to
 `train.prompts_per_step` training prompts (m2flow's engine, the config's sampling), math_reward scores them and
@@ -68,16 +69,20 @@ def run_train_benchmark(cfg: Config, model_path: str, prompts: list[str], answer
                         budgets: list[int], repeats: int, out_dir: str) -> dict:
     from m2flow.bench.learning import cpu_model
     from m2flow.training.checkpoint import load_hf_model
+    from m2flow.training.packing import pack
 
     batch = demo_workload(cfg, model_path, prompts, answers)
     model, _ = load_hf_model(model_path, cfg.model.dtype)
     real = int(batch.attention_mask.sum())
     padded = batch.input_ids.numel()
+    shared = int(pack(batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]).input_ids.shape[1])
     variants = {f"padded, micro_batch_size={cfg.train.micro_batch_size}":
                 time_variant(model, batch, cfg, repeats, max_tokens_per_microbatch=0)}
     for budget in budgets:
-        variants[f"packed, max_tokens_per_microbatch={budget}"] = time_variant(
-            model, batch, cfg, repeats, max_tokens_per_microbatch=budget)
+        for share in (False, True):
+            name = f"packed, max_tokens_per_microbatch={budget}, {'shared prompts' if share else 'a prompt per sample'}"
+            variants[name] = time_variant(model, batch, cfg, repeats, max_tokens_per_microbatch=budget,
+                                          share_prompts=share)
     base = next(iter(variants.values()))
     rows = []
     for name, v in variants.items():
@@ -87,7 +92,7 @@ def run_train_benchmark(cfg: Config, model_path: str, prompts: list[str], answer
                      "speedup_update": base["update_s"] / v["update_s"],
                      "speedup_step_vs_padded_recompute": (base["logprobs_s"] + base["update_s"]) / v["update_s"]})
     result = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "model": model_path,
-              "sequences": len(batch), "real_tokens": real, "padded_tokens": padded,
+              "sequences": len(batch), "real_tokens": real, "padded_tokens": padded, "shared_prompt_tokens": shared,
               "padding_fraction": 1 - real / padded, "repeats": repeats, "rows": rows}
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"train-cpu-{os.cpu_count()}cores.json")
@@ -98,7 +103,8 @@ def run_train_benchmark(cfg: Config, model_path: str, prompts: list[str], answer
 
 def format_table(result: dict) -> str:
     lines = [f"{result['sequences']} sequences, {result['real_tokens']} real tokens "
-             f"({result['padding_fraction']:.0%} of the padded layout is padding), median of {result['repeats']}",
+             f"({result['padding_fraction']:.0%} of the padded layout is padding; {result['shared_prompt_tokens']} "
+             f"with each prompt once), median of {result['repeats']}",
              "", "| variant | old-logprob pass (s) | update (s) | update tokens/s | update speed-up | trainer s/step, "
              "recompute / rollout old logprobs | speed-up vs padded + recompute |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

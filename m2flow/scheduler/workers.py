@@ -97,13 +97,15 @@ class ReferenceWorker:
         self.model = model.eval().requires_grad_(False)
         self.temperature = cfg.rollout.temperature  # token_logprobs treats 0 (greedy) as 1
         self.micro_batch_size, self.max_tokens = cfg.train.micro_batch_size, cfg.train.max_tokens_per_microbatch
+        self.share_prompts = cfg.train.share_prompts
         if self.max_tokens > 0:
             use_varlen_attention(self.model)
         if cfg.train.logits_chunk_tokens > 0:
             use_lean_head(self.model, cfg.train.logits_chunk_tokens)
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.max_tokens)
+        return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.max_tokens,
+                              self.share_prompts)
 
 
 class CriticWorker:

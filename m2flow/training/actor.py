@@ -146,16 +146,18 @@ class Actor:
                              if v is not None}
 
     def _logits(self, mb: RolloutBatch) -> torch.Tensor:
-        return response_logits(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], self.packed)
+        return response_logits(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], self.packed,
+                               self.train_cfg.share_prompts)
 
     def _micro_batches(self, mini: RolloutBatch) -> list[tuple[torch.Tensor, RolloutBatch]]:
-        return micro_batches(mini, self.train_cfg.micro_batch_size, self.train_cfg.max_tokens_per_microbatch)
+        t = self.train_cfg
+        return micro_batches(mini, t.micro_batch_size, t.max_tokens_per_microbatch, t.share_prompts)
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """Logprobs of the response tokens under the current weights: [B, T]."""
         self.model.eval()
         return batch_logprobs(self.model, batch, self.temperature, self.train_cfg.micro_batch_size,
-                              self.train_cfg.max_tokens_per_microbatch)
+                              self.train_cfg.max_tokens_per_microbatch, self.train_cfg.share_prompts)
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """`epochs` passes over the batch in `mini_batches` optimizer steps, each accumulated over
@@ -174,7 +176,8 @@ class Actor:
         algo = self.algo
         if self.lean:  # logprobs and entropy chunk by chunk of tokens, never all the logits
             logprobs, entropy = response_token_stats(self.model, mb.input_ids, mb.attention_mask,
-                                                     mb.response_mask.shape[1], self.temperature, self.packed)
+                                                     mb.response_mask.shape[1], self.temperature, self.packed,
+                                                     self.train_cfg.share_prompts)
         else:
             logits = self._logits(mb)
             logprobs = token_logprobs(logits, mb.input_ids[:, mb.prompt_width :], self.temperature)

@@ -11,14 +11,15 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-                    packed: bool = False) -> torch.Tensor:
+                    packed: bool = False, share_prompts: bool = True) -> torch.Tensor:
     """Logits that predict the last `response_len` tokens of each row: [B, T, V]. A causal LM computes its LM
-    head only there. `packed`: no padding computed (training/packing.py; the model must use varlen attention);
-    rows without a response token in a column get zeros there."""
+    head only there. `packed`: no padding computed (training/packing.py; the model must use varlen attention),
+    and with `share_prompts` rows with the same prompt compute it once; rows without a response token in a
+    column get zeros there."""
     if packed:
         from m2flow.training.packing import packed_response_logits
 
-        return packed_response_logits(model, input_ids, attention_mask, response_len)
+        return packed_response_logits(model, input_ids, attention_mask, response_len, share_prompts)
     keep = {"logits_to_keep": response_len + 1} if hasattr(model, "lm_head") else {}
     out = model(
         input_ids=input_ids,
@@ -32,7 +33,8 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def response_token_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-                         temperature: float, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         temperature: float, packed: bool = False,
+                         share_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs, entropy), each [B, T] float32, of the last `response_len` tokens of each row, through the
     model's LeanLMHead (training/token_stats.py): logprobs under logits / temperature, entropy of the raw
     logits, without ever holding all the logits. 0 where a row has no response token in a column when packed."""
@@ -43,8 +45,8 @@ def response_token_stats(model, input_ids: torch.Tensor, attention_mask: torch.T
     if packed:
         from m2flow.training.packing import pack, packed_forward
 
-        p = pack(input_ids, attention_mask, T)
-        head.request = (p.input_ids[0, p.keep + 1], temperature)  # each kept position predicts the next token
+        p = pack(input_ids, attention_mask, T, share_prompts)
+        head.request = (p.targets, temperature)
         stats = packed_forward(model, p)[0]  # [K, 2]
         out = stats[p.slot.clamp(min=0).to(stats.device)] * (p.slot >= 0).to(stats.device).unsqueeze(-1)
     else:
@@ -65,21 +67,23 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 @torch.no_grad()
-def batch_logprobs(model, batch, temperature: float, micro_batch_size: int, max_tokens: int = 0) -> torch.Tensor:
-    """Logprobs of a RolloutBatch's response tokens, micro-batched (packed with `max_tokens` > 0); 0 off the
-    response mask: [B, T]. On N trainer ranks each computes its share of the rows and the shares are summed."""
+def batch_logprobs(model, batch, temperature: float, micro_batch_size: int, max_tokens: int = 0,
+                   share_prompts: bool = True) -> torch.Tensor:
+    """Logprobs of a RolloutBatch's response tokens, micro-batched (packed with `max_tokens` > 0, computing a
+    shared prompt once with `share_prompts`); 0 off the response mask: [B, T]. On N trainer ranks each computes its share of the rows and the shares are summed."""
     from m2flow.training.data_parallel import rank_micro_batches, world
     from m2flow.training.packing import micro_batches
     from m2flow.training.token_stats import lean_head
 
     rank, size = world()
     out = torch.zeros_like(batch.response_mask)
-    for rows, mb, real in rank_micro_batches(batch, lambda b: micro_batches(b, micro_batch_size, max_tokens), rank, size):
+    for rows, mb, real in rank_micro_batches(batch, lambda b: micro_batches(b, micro_batch_size, max_tokens, share_prompts), rank, size):
         T = mb.response_mask.shape[1]
         if lean_head(model) is not None:
-            logprobs = response_token_stats(model, mb.input_ids, mb.attention_mask, T, temperature, max_tokens > 0)[0]
+            logprobs = response_token_stats(model, mb.input_ids, mb.attention_mask, T, temperature, max_tokens > 0,
+                                            share_prompts)[0]
         else:
-            logits = response_logits(model, mb.input_ids, mb.attention_mask, T, max_tokens > 0)
+            logits = response_logits(model, mb.input_ids, mb.attention_mask, T, max_tokens > 0, share_prompts)
             logprobs = token_logprobs(logits, mb.input_ids[:, mb.prompt_width :], temperature)
         if real:  # (a dummy pass only keeps FSDP2's collectives paired across ranks)
             out[rows] = logprobs
