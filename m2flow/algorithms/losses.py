@@ -16,6 +16,9 @@ from .registry import POLICY_LOSSES
 from .utils import masked_mean
 
 LOG_RATIO_CLAMP = 20.0  # keeps exp(logprobs - old_logprobs) finite
+# built-in losses whose every token's loss is the advantage times a factor (clipping, dual-clip and the TIS weight
+# included): a sequence with advantage 0 everywhere adds nothing to them or to their gradient
+ADVANTAGE_LINEAR_LOSSES = ("ppo_clip", "gspo")
 
 
 def _tis_weights(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -262,6 +263,7 @@ class Engine:
             self.scheduler.check_fits(seq, min(len(seq) + params.max_new_tokens, self.max_model_len))
         for seq in seqs:
             self.scheduler.add(seq)
+        start = time.perf_counter()
         self.stats = GenerateStats(prompt_tokens=sum(len(s) for s in seqs))
         preemptions = self.scheduler.num_preemptions
         try:
@@ -271,6 +273,7 @@ class Engine:
             self.scheduler.abort_all()  # e.g. KeyboardInterrupt: the next call starts clean
             raise
         self.stats.preemptions = self.scheduler.num_preemptions - preemptions
+        self.stats.seconds = time.perf_counter() - start
         return [self._to_sample(s) for s in seqs]
 
     def step(self) -> None:

@@ -49,6 +49,7 @@ class GenerateStats:
     prefill_steps: int = 0
     decode_steps: int = 0
     decode_rows: int = 0  # sequences decoded, summed over the decode steps
+    seconds: float = 0.0  # inside the engine (summed over engine replicas); time/rollout adds transfers and batching
 
     def __add__(self, other: "GenerateStats") -> "GenerateStats":
         return GenerateStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
@@ -60,4 +61,5 @@ class GenerateStats:
             "rollout/preemptions": float(self.preemptions),  # > 0: the KV cache is too small for the batch
             "rollout/decode_steps": float(self.decode_steps),
             "rollout/decode_batch_mean": self.decode_rows / max(self.decode_steps, 1),
+            "rollout/engine_seconds": self.seconds,
         }

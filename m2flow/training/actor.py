@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from m2flow.algorithms import KL_ESTIMATORS, POLICY_LOSSES, broadcast_to_tokens, entropy_from_logits, masked_mean
+from m2flow.algorithms.losses import ADVANTAGE_LINEAR_LOSSES
 from m2flow.batch import RolloutBatch
 from m2flow.config import AlgorithmConfig, TrainConfig
 from m2flow.training.data_parallel import all_ranks, all_reduce_sum, rank_micro_batches, world
@@ -89,7 +90,7 @@ def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, p
         order = torch.randperm(len(batch), generator=generator)
         for mini in batch.select(order).split(-(-len(batch) // cfg.mini_batches)):
             trainer.optimizer.zero_grad(set_to_none=True)
-            finite, step_sums = True, {}
+            finite, step_sums, trained_share = True, {}, 0.0
             for _, mb, real in rank_micro_batches(mini, trainer._micro_batches, rank, size):
                 loss, metrics = trainer._micro_batch_loss(mb)
                 if not real:  # a pass that keeps FSDP2's collectives paired across ranks; no gradient
@@ -98,10 +99,13 @@ def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, p
                 share = trainer._share(mb, mini)  # of the whole mini-batch (all ranks)
                 finite &= bool(torch.isfinite(loss.detach()))
                 (loss * share * size).backward()  # FSDP2 averages gradients over the ranks
+                trained_share += share
                 for k, v in metrics.items():
                     step_sums[k] = step_sums.get(k, 0.0) + v * share
-            for k, v in all_reduce_sum(step_sums).items():
-                sums[k] = sums.get(k, 0.0) + v
+            step_sums = all_reduce_sum({**step_sums, "_trained_share": trained_share})
+            trained_share = step_sums.pop("_trained_share")  # 1 unless rows were skipped (Actor._micro_batches)
+            for k, v in step_sums.items():
+                sums[k] = sums.get(k, 0.0) + v / trained_share
             finite = all_ranks(finite)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), grad_clip)
             if hasattr(grad_norm, "full_tensor"):
@@ -144,6 +148,11 @@ class Actor:
         # dual-clip and truncated importance sampling, passed only when on (a user's loss need not take them)
         self.loss_options = {k: v for k, v in (("clip_ratio_c", algorithm.clip_ratio_c), ("tis_cap", algorithm.tis_cap))
                              if v is not None}
+        # a sequence whose advantage is 0 everywhere adds nothing to the loss or its gradient when the loss is
+        # only the policy term of a built-in surrogate: the update skips it (its tokens still count in the
+        # loss's normaliser through _share, so the gradient is exactly the same)
+        self.skip_zero_advantage = (algorithm.policy_loss in ADVANTAGE_LINEAR_LOSSES and self.kl is None
+                                    and algorithm.entropy_coef == 0)
 
     def _logits(self, mb: RolloutBatch) -> torch.Tensor:
         return response_logits(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1], self.packed,
@@ -151,7 +160,13 @@ class Actor:
 
     def _micro_batches(self, mini: RolloutBatch) -> list[tuple[torch.Tensor, RolloutBatch]]:
         t = self.train_cfg
-        return micro_batches(mini, t.micro_batch_size, t.max_tokens_per_microbatch, t.share_prompts)
+        rows = torch.arange(len(mini))
+        active = (broadcast_to_tokens(mini.advantages, mini.response_mask) != 0).any(1)
+        if self.skip_zero_advantage and active.any():  # (with none active, all run: the metrics stay defined)
+            rows = rows[active]
+            mini = mini.select(rows)
+        return [(rows[r], mb) for r, mb in micro_batches(mini, t.micro_batch_size, t.max_tokens_per_microbatch,
+                                                          t.share_prompts)]
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """Logprobs of the response tokens under the current weights: [B, T]."""

@@ -196,8 +196,10 @@ def test_n_samples_compute_their_prompt_once(model_dir, prompts, tokenizer):
     assert computed[1:] == computed[:1]  # as for one sample each (the prompts share a prefix: fewer than their tokens)
     assert computed[0] > 0.5 * sum(lengths)
     # the engine's own account of the call (the RL runner logs it)
+    assert engine.stats.seconds > 0
     assert engine.stats == GenerateStats(prompt_tokens=5 * sum(lengths), prefill_tokens=computed[1], forks=12,
-                                         preemptions=0, prefill_steps=1, decode_steps=3, decode_rows=15 * 3)
+                                         preemptions=0, prefill_steps=1, decode_steps=3, decode_rows=15 * 3,
+                                         seconds=engine.stats.seconds)
     assert len({tuple(s.token_ids) for s in out[:5]}) > 1  # the samples still differ
     by_prompt = [list(kv_of_last_block.values())[5 * i : 5 * i + 5] for i in range(3)]
     for group in by_prompt:

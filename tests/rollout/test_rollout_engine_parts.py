@@ -220,11 +220,12 @@ def test_generate_stats_add_up_and_become_metrics():
     from m2flow.rollout import GenerateStats
 
     a = GenerateStats(prompt_tokens=100, prefill_tokens=30, forks=7, preemptions=0, prefill_steps=1, decode_steps=10,
-                      decode_rows=64)
+                      decode_rows=64, seconds=1.5)
     b = GenerateStats(prompt_tokens=60, prefill_tokens=50, forks=0, preemptions=2, prefill_steps=3, decode_steps=6,
-                      decode_rows=32)
+                      decode_rows=32, seconds=0.25)
     total = a + b
-    assert total == GenerateStats(160, 80, 7, 2, 4, 16, 96)
+    assert total == GenerateStats(160, 80, 7, 2, 4, 16, 96, 1.75)
     assert total.metrics() == {"rollout/prefill_compute_frac": 0.5, "rollout/preemptions": 2.0,
-                               "rollout/decode_steps": 16.0, "rollout/decode_batch_mean": 6.0}
+                               "rollout/decode_steps": 16.0, "rollout/decode_batch_mean": 6.0,
+                               "rollout/engine_seconds": 1.75}
     assert GenerateStats().metrics()["rollout/decode_batch_mean"] == 0.0  # no steps: no division by zero

@@ -128,6 +128,37 @@ def test_zero_advantages_leave_weights_unchanged(base_model, rollout):
         assert torch.equal(before[k], after[k]), k
 
 
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_sequences_with_zero_advantage_are_skipped_with_the_same_update(base_model, rollout, fsdp):
+    """A group whose rewards are all equal (algorithm.filter_groups=false keeps it) has advantage 0: the update
+    skips its rows, and the gradient and weights are those of computing them (their tokens still count in the
+    token-mean's normaliser)."""
+    batch = copy.deepcopy(rollout)
+    batch.scores[:4] = 1.0  # group 0 all right: advantage 0
+    batch.advantages = grpo_advantages(batch.scores, batch.group_ids)
+    assert (batch.advantages[:4] == 0).all() and (batch.advantages[4:] != 0).all()
+    skipping = _actor(copy.deepcopy(base_model), fsdp=fsdp, max_tokens_per_microbatch=48)
+    computing = _actor(copy.deepcopy(base_model), fsdp=fsdp, max_tokens_per_microbatch=48)
+    computing.skip_zero_advantage = False
+    assert skipping.skip_zero_advantage
+    prepared = _prepared(skipping, batch)
+    assert sorted(i for rows, _ in skipping._micro_batches(prepared) for i in rows.tolist()) == list(range(4, 12))
+    m_skip, m_all = skipping.update(copy.deepcopy(prepared)), computing.update(copy.deepcopy(prepared))
+    assert _max_diff(_grads(skipping), _grads(computing)) < 1e-6
+    assert _max_diff(skipping.state_dict(), computing.state_dict()) < 1e-6
+    assert m_skip["actor/grad_norm"] == pytest.approx(m_all["actor/grad_norm"], rel=1e-5)
+    # the metrics average over the rows that train
+    assert m_skip["actor/pg_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    mask = prepared.response_mask[4:]
+    expected = -(prepared.advantages[4:, None] * mask).sum() / mask.sum()
+    assert m_skip["actor/pg_loss"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_nothing_is_skipped_with_a_kl_or_entropy_term(base_model):
+    for algo in (AlgorithmConfig(kl_coef=0.1), AlgorithmConfig(entropy_coef=0.01)):
+        assert not Actor(copy.deepcopy(base_model), TrainConfig(fsdp=False), algo).skip_zero_advantage
+
+
 @pytest.mark.parametrize("micro_batch_size", [1, 5])
 def test_gradient_accumulation_matches_one_micro_batch(base_model, rollout, micro_batch_size):
     big = _actor(copy.deepcopy(base_model), micro_batch_size=len(rollout))
