@@ -19,8 +19,10 @@ def test_train_benchmark_runs_every_variant_on_the_same_batch(tmp_path, make_mic
     assert 0 < result["real_tokens"] <= result["padded_tokens"]
     assert 0 < result["shared_prompt_tokens"] < result["real_tokens"]  # 3 prompts x 2 samples: each prompt once
     names = [r["variant"] for r in result["rows"]]
-    assert names == ["padded, micro_batch_size=3"] + [
+    assert names[:5] == ["padded, micro_batch_size=3"] + [
         f"packed, max_tokens_per_microbatch={b}, {s}" for b in (64, 256) for s in ("a prompt per sample", "shared prompts")]
+    assert len(names) == 6 and names[5].startswith("packed, max_tokens_per_microbatch=64, shared prompts, the ")
+    assert names[5].endswith(" sequences with advantage 0 skipped")
     first = result["rows"][0]
     assert first["speedup_update"] == 1.0
     assert first["trainer_s_recompute"] == first["logprobs_s"] + first["update_s"]

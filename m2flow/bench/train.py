@@ -4,10 +4,12 @@ measured in the same run.
 
 The workload is one real step of the demo: the base model samples `rollout.n` responses to
 `train.prompts_per_step` training prompts (m2flow's engine, the config's sampling), math_reward scores them and
-GRPO gives advantages. Each variant then runs, on a fresh copy of the base model, the old-logprob pass and the
-update (one optimizer step) over that same batch; the median of `repeats` runs is reported, with tokens per
-second counting real tokens (prompt + response, no padding) so the variants compare on the same work. On a
-shared machine, run it alone: other processes on the cores show up as slow variants.
+GRPO gives advantages (every group kept, as with algorithm.filter_groups=false). Each variant then runs, on a
+fresh copy of the base model, the old-logprob pass and the update (one optimizer step) over that same batch, every
+sequence computed; a last variant lets the update skip the sequences with advantage 0. The median of `repeats`
+runs is reported, with tokens per second counting real tokens (prompt + response, no padding) so the variants
+compare on the same work. On a shared machine, run it alone: other processes on the cores show up as slow
+variants.
 """
 
 from __future__ import annotations
@@ -44,15 +46,18 @@ def demo_workload(cfg: Config, model_path: str, prompts: list[str], answers: lis
     return batch
 
 
-def time_variant(model, batch: RolloutBatch, cfg: Config, repeats: int, **train) -> dict:
+def time_variant(model, batch: RolloutBatch, cfg: Config, repeats: int, skip_zero_advantage: bool = False,
+                 **train) -> dict:
     """Median seconds of the old-logprob pass and of the update for a fresh Actor per repeat (after one
-    untimed warm-up run: allocator and thread pools)."""
+    untimed warm-up run: allocator and thread pools). `skip_zero_advantage`: let the update skip sequences whose
+    advantage is 0 (the Actor's default where it is exact); off, every sequence is computed."""
     from m2flow.training.actor import Actor
 
     train_cfg = dataclasses.replace(cfg.train, **train)
     logprob_s, update_s = [], []
     for i in range(repeats + 1):
         actor = Actor(copy.deepcopy(model), train_cfg, cfg.algorithm, temperature=cfg.rollout.temperature)
+        actor.skip_zero_advantage &= skip_zero_advantage
         b = copy.deepcopy(batch)
         start = time.perf_counter()
         b.old_logprobs = actor.compute_logprobs(b)
@@ -83,6 +88,11 @@ def run_train_benchmark(cfg: Config, model_path: str, prompts: list[str], answer
             name = f"packed, max_tokens_per_microbatch={budget}, {'shared prompts' if share else 'a prompt per sample'}"
             variants[name] = time_variant(model, batch, cfg, repeats, max_tokens_per_microbatch=budget,
                                           share_prompts=share)
+    if budgets:
+        zero = int((batch.advantages == 0).sum())
+        variants[f"packed, max_tokens_per_microbatch={budgets[0]}, shared prompts, the {zero} sequences with advantage "
+                 "0 skipped"] = time_variant(model, batch, cfg, repeats, skip_zero_advantage=True,
+                                             max_tokens_per_microbatch=budgets[0], share_prompts=True)
     base = next(iter(variants.values()))
     rows = []
     for name, v in variants.items():
