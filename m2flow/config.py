@@ -23,6 +23,8 @@ class ClusterConfig:
     address: Optional[str] = None  # Ray cluster address ("auto", "ray://host:10001"); None starts Ray locally
     num_cpus: Optional[int] = None  # CPUs for a locally started Ray; None = all of this machine's
     placement: str = "collocated"  # where worker groups run: collocated (all stages share the devices)
+    device: str = "auto"  # auto | cpu | cuda: the devices worker groups are placed on (GPUs are not placed yet: auto runs on CPU, cuda is refused)
+    devices: int = 0  # how many devices the run uses; on CPU a device is a set of cores (the usable cores split evenly; each rank is pinned to its device's cores, threads = its cores); 0 = one device of all cores
     listen_all: bool = False  # a locally started Ray listens on all network interfaces (warns: no authentication, anyone reaching its ports can run code); false = 127.0.0.1 only
 
 
@@ -197,6 +199,7 @@ class Config:
 
 DTYPES = ("float32", "bfloat16")  # supported model.dtype values
 PLACEMENTS = ("collocated",)  # implemented cluster.placement modes
+DEVICE_KINDS = ("auto", "cpu", "cuda")  # cluster.device values (m2flow.scheduler.devices)
 TEMPLATES = ("chat", "plain")  # prompt templates (m2flow.data.templates)
 BAD_ROWS = ("error", "skip")
 OLD_LOGPROBS = ("auto", "rollout", "recompute")  # where train.old_logprobs come from  # what data.bad_rows does with a malformed or too long row
@@ -257,6 +260,7 @@ def validate(cfg: Config) -> None:
         check(value >= 0, f"algorithm.{name} must be >= 0, got {value}")
     for key, value, valid in [("model.dtype", cfg.model.dtype, DTYPES),
                               ("cluster.placement", cfg.cluster.placement, PLACEMENTS),
+                              ("cluster.device", cfg.cluster.device, DEVICE_KINDS),
                               ("data.template", cfg.data.template, TEMPLATES),
                               ("data.bad_rows", cfg.data.bad_rows, BAD_ROWS),
                               ("train.old_logprobs", cfg.train.old_logprobs, OLD_LOGPROBS)]:
@@ -302,7 +306,8 @@ def _validate_ranges(cfg: Config, check) -> None:
                     "train.max_tokens_per_microbatch": t.max_tokens_per_microbatch,
                     "train.logprob_check_every": t.logprob_check_every,
                     "train.logits_chunk_tokens": t.logits_chunk_tokens,
-                    "base.sft_steps": b.sft_steps, "base.sft_examples": b.sft_examples}
+                    "base.sft_steps": b.sft_steps, "base.sft_examples": b.sft_examples,
+                    "cluster.devices": cfg.cluster.devices}
     for key, value in non_negative.items():
         check(value >= 0, f"{key} must be >= 0, got {value}")
     positive = {"rollout.n": r.n, "rollout.replicas": r.replicas, "train.ranks": t.ranks,

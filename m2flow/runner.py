@@ -53,6 +53,7 @@ from m2flow.resume import (
 )
 from m2flow.rollout import SamplingParams
 from m2flow.scheduler.cluster import launch, start_ray, stop_ray
+from m2flow.scheduler.devices import cpu_devices, place, resolve_device, usable_cores
 from m2flow.scheduler.group import WorkerGroup, generate_on_replicas
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker
 from m2flow.stages import (
@@ -147,20 +148,24 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
            progress: bool, t_start: float, pool: RewardPool | None = None, checkpoint: str | None = None,
            workers: list | None = None) -> dict:
     """The RL loop (from step 1, or from the step after `checkpoint`, a periodic checkpoint of this run)."""
-    threads = int(cfg.cluster.num_cpus or resources.get("CPU", 1))
-    replicas = cfg.rollout.replicas  # engine replicas, data-parallel (each with its share of the threads)
+    resolve_device(cfg.cluster.device)
+    devices = cpu_devices(cfg.cluster.devices, usable_cores(cfg.cluster.num_cpus))  # collocated: every group spans them
+    log.info("devices: %d, cores %s", len(devices), " | ".join(",".join(map(str, d)) for d in devices))
+    replicas = cfg.rollout.replicas  # engine replicas, data-parallel
     rollout = WorkerGroup(RolloutWorker, replicas, model_path, cfg, name=f"rollout-{os.getpid()}",
-                          threads=max(threads // replicas, 1))
+                          placements=place(replicas, devices))
     ranks = cfg.train.ranks  # the trainer group: FSDP2 over a gloo group of this many ranks, data parallel
     store = os.path.join(run_dir, ".trainer-rendezvous")  # a file store (no port); a killed run's is stale
     if os.path.exists(store):
         os.unlink(store)
-    actor = WorkerGroup(ActorWorker, ranks, model_path, cfg, name=f"actor-{os.getpid()}", threads=max(threads // ranks, 1),
+    actor = WorkerGroup(ActorWorker, ranks, model_path, cfg, name=f"actor-{os.getpid()}",
+                        placements=place(ranks, devices),
                         rank_kwargs=lambda r: {"rank": r, "world_size": ranks, "store": store})
-    reference = (launch(ReferenceWorker, model_path, cfg, name=f"reference-{os.getpid()}", threads=threads)
-                 if cfg.algorithm.kl_coef > 0 else None)
-    critic = (launch(CriticWorker, model_path, cfg, name=f"critic-{os.getpid()}", threads=threads)
-              if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None)
+    whole = place(1, devices)[0]  # one worker on every device
+    reference = (launch(ReferenceWorker, model_path, cfg, name=f"reference-{os.getpid()}", threads=whole.threads,
+                        placement=whole) if cfg.algorithm.kl_coef > 0 else None)
+    critic = (launch(CriticWorker, model_path, cfg, name=f"critic-{os.getpid()}", threads=whole.threads,
+                     placement=whole) if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None)
     if workers is not None:
         workers.extend([*rollout.ranks, *actor.ranks, *(h for h in (reference, critic) if h is not None)])
     from transformers import AutoTokenizer

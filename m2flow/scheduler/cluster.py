@@ -1,7 +1,8 @@
 """Ray: start it locally or join a cluster, and place worker groups.
 
-Placement `collocated` puts every worker group on the same devices: stages run in turn and each worker
-uses all of the node's cores while it runs (on CPU: torch threads = the node's CPUs).
+Placement `collocated` puts every worker group on the same devices: stages run in turn, and a group's ranks
+spread over all the devices (scheduler/devices.py: on CPU, each rank pinned to its device's cores, as many
+torch threads; with one device, every worker uses all the cores while it runs).
 
 A locally started Ray runs without authentication (RAY_AUTH_MODE=disabled), so it listens on the loopback
 interface only: its node IP is 127.0.0.1, and Ray binds the GCS, raylet, object manager and worker ports to

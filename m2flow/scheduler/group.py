@@ -1,8 +1,9 @@
 """Worker groups: k Ray actors (ranks) of one worker class, addressed together.
 
 The runner talks to groups, not to raw actor handles: `call(method, *args)` runs a method on every rank and
-returns the results in rank order; `ranks[r]` is one rank's handle for anything else. Today every rank of every group is placed collocated on
-the local node (scheduler/cluster.py `launch`); placing groups on disjoint device sets is the next step.
+returns the results in rank order; `ranks[r]` is one rank's handle for anything else. Every rank of every
+group is placed collocated (scheduler/cluster.py `launch`), on the devices `placements` gives each rank
+(scheduler/devices.py: on CPU, pinned to its cores); placing groups on disjoint device sets is the next step.
 """
 
 from __future__ import annotations
@@ -10,15 +11,22 @@ from __future__ import annotations
 import ray
 
 from m2flow.scheduler.cluster import launch
+from m2flow.scheduler.devices import Placement
 
 
 class WorkerGroup:
-    def __init__(self, cls, size: int, *args, name: str, threads: int, rank_kwargs=None, **kwargs):
-        """`rank_kwargs(r)`: extra constructor arguments of rank r (e.g. its rank and the group's rendezvous)."""
+    def __init__(self, cls, size: int, *args, name: str, threads: int = 1, placements: list[Placement] | None = None,
+                 rank_kwargs=None, **kwargs):
+        """`placements[r]`: rank r's cores and threads (else `threads` each, unpinned); `rank_kwargs(r)`: extra
+        constructor arguments of rank r (e.g. its rank and the group's rendezvous)."""
         if size < 1:
             raise ValueError(f"a worker group needs at least one rank, got {size}")
+        if placements is not None and len(placements) != size:
+            raise ValueError(f"{size} ranks but {len(placements)} placements")
         self.name = name
-        self.ranks = [launch(cls, *args, name=f"{name}-{r}", threads=threads, **kwargs,
+        self.ranks = [launch(cls, *args, name=f"{name}-{r}",
+                             threads=placements[r].threads if placements else threads,
+                             placement=placements[r] if placements else None, **kwargs,
                              **(rank_kwargs(r) if rank_kwargs else {})) for r in range(size)]
 
     def __len__(self) -> int:

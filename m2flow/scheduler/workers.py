@@ -7,6 +7,7 @@ import torch
 from m2flow.batch import RolloutBatch
 from m2flow.config import Config
 from m2flow.rollout import Engine, EngineConfig, GenerateStats, HFEngine, Sample, SamplingParams
+from m2flow.scheduler.devices import Placement, pin
 from m2flow.training.actor import Actor, init_trainer_group
 from m2flow.training.critic import Critic, load_value_model
 from m2flow.training.checkpoint import load_hf_model, load_trainer, save_hf_checkpoint, save_trainer
@@ -15,14 +16,14 @@ from m2flow.training.packing import use_varlen_attention
 from m2flow.training.token_stats import use_lean_head
 
 
-def _setup(threads: int, seed: int) -> None:
-    torch.set_num_threads(max(threads, 1))
+def _setup(threads: int, seed: int, placement: Placement | None) -> None:
+    pin(placement, threads)
     torch.manual_seed(seed)
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, cfg: Config, threads: int = 1):
-        _setup(threads, cfg.seed)
+    def __init__(self, model_path: str, cfg: Config, threads: int = 1, placement: Placement | None = None):
+        _setup(threads, cfg.seed, placement)
         r = cfg.rollout
         if r.backend == "hf":
             model, tokenizer = load_hf_model(model_path, cfg.model.dtype)
@@ -58,9 +59,9 @@ class ActorWorker:
     """One rank of the trainer group (train.ranks): with several, they form a gloo process group through the
     file `store` and FSDP2 shards the policy over them; rank 0 returns the full weights and writes files."""
 
-    def __init__(self, model_path: str, cfg: Config, threads: int = 1, rank: int = 0, world_size: int = 1,
-                 store: str = ""):
-        _setup(threads, cfg.seed)
+    def __init__(self, model_path: str, cfg: Config, threads: int = 1, placement: Placement | None = None,
+                 rank: int = 0, world_size: int = 1, store: str = ""):
+        _setup(threads, cfg.seed, placement)
         self.rank = rank
         if world_size > 1:
             init_trainer_group(rank, world_size, store)
@@ -91,8 +92,8 @@ class ActorWorker:
 class ReferenceWorker:
     """The frozen starting policy, for the KL term (created only when algorithm.kl_coef > 0)."""
 
-    def __init__(self, model_path: str, cfg: Config, threads: int = 1):
-        _setup(threads, cfg.seed)
+    def __init__(self, model_path: str, cfg: Config, threads: int = 1, placement: Placement | None = None):
+        _setup(threads, cfg.seed, placement)
         model, _ = load_hf_model(model_path, cfg.model.dtype)
         self.model = model.eval().requires_grad_(False)
         self.temperature = cfg.rollout.temperature  # token_logprobs treats 0 (greedy) as 1
@@ -111,8 +112,8 @@ class ReferenceWorker:
 class CriticWorker:
     """The value model of PPO (created only when algorithm.advantage=gae), started from the policy's weights."""
 
-    def __init__(self, model_path: str, cfg: Config, threads: int = 1):
-        _setup(threads, cfg.seed)
+    def __init__(self, model_path: str, cfg: Config, threads: int = 1, placement: Placement | None = None):
+        _setup(threads, cfg.seed, placement)
         self.critic = Critic(load_value_model(model_path, cfg.model.dtype), cfg.train, cfg.critic, cfg.algorithm)
 
     def compute_values(self, batch: RolloutBatch) -> torch.Tensor:

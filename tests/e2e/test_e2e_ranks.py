@@ -1,6 +1,8 @@
 """The trainer as a group of 2 ranks inside a real run (issue 14): Ray launches two ActorWorkers that form a
-gloo group, FSDP2 shards the policy over them and each trains on its half of the batch by tokens. One RL step
-of the micro model gives the one-rank run's metrics and final weights (to float rounding)."""
+gloo group, FSDP2 shards the policy over them and each trains on its half of the batch by tokens. With 2 logical
+CPU devices (cluster.devices=2, one core each where the machine has 2) the ranks and 2 engine replicas are
+pinned one per device. One RL step of the micro model gives the one-rank run's metrics and final weights (to
+float rounding)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ ONE_STEP = [o for o in MICRO if not o.startswith(("checkpoint.", "train.steps"))
 
 
 def _run(root, ranks: int) -> tuple[dict, dict]:
-    cfg = load_config(None, ONE_STEP + [f"train.ranks={ranks}", f"name=ranks{ranks}", f"output_dir={root / 'runs'}",
+    devices = min(ranks, len(os.sched_getaffinity(0)))
+    cfg = load_config(None, ONE_STEP + [f"train.ranks={ranks}", f"rollout.replicas={ranks}", f"cluster.devices={devices}",
+                                        f"name=ranks{ranks}", f"output_dir={root / 'runs'}",
                                         f"base.cache_dir={root / 'cache'}"])
     summary = run(cfg, progress=False)
     with open(os.path.join(summary["run_dir"], "metrics.jsonl")) as f:
