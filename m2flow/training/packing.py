@@ -4,8 +4,8 @@ A RolloutBatch row is [left padding | prompt | response | right padding]; comput
 costs as much as a real one. Packed, a micro-batch is one row of the real tokens of its sequences back to back
 (`pack`), with position ids that restart at 0 for each sequence, and attention that never crosses a sequence
 boundary (`varlen_attention`). The samples of one prompt share a single copy of it: the prompt's tokens go
-through the model once, and each sample's response attends to that copy (on the demo's workload, a GRPO
-group of 8 samples is 43% fewer tokens). Attention lays the packed queries, keys and values out per sequence
+through the model once, and each sample's response attends to that copy (one step of the demo, 64 groups of
+8 samples: 15,035 tokens instead of 31,912). Attention lays the packed queries, keys and values out per sequence
 (right-padded, so causal attention never sees a pad key; a shared prompt copied into each of its sequences) for
 one causal SDPA call, and gathers each token's output back; on CUDA, when nothing is shared, PyTorch's
 variable-length flash attention runs instead. Only the projections and MLPs see the packed row, so no padding
