@@ -1,7 +1,7 @@
 """Exact resume (issue 12): PPO with a critic and a reference model (every part of the state that matters) on a
 micro model. A run of 4 steps straight, and the same run killed with SIGKILL once its step-2 checkpoint exists,
 then resumed with `m2flow train --resume RUN_DIR`: the same metrics at every step and the same final weights,
-to the last bit."""
+to the last bit. Also with the trainer on 2 ranks and 2 engine replicas on 2 logical devices (issue 14)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ RESUME = [o for o in MICRO if not o.startswith(("checkpoint.", "train.steps"))] 
     "algorithm.advantage=gae", "algorithm.kl_coef=0.05", "critic.lr=1e-3", "algorithm.whiten_advantages=true",
     "eval.num_problems=8",
 ]
-VOLATILE = ("time/", "throughput/")  # wall-clock measurements differ between any two runs
+VOLATILE = ("time/", "throughput/", "rollout/engine_seconds")  # wall-clock measurements differ between any two runs
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
@@ -59,10 +59,13 @@ def _run_and_kill_after_step_2(overrides: list[str], root) -> str:
     raise AssertionError(f"the run ended (rc {proc.returncode}) before its step-2 checkpoint: {proc.stderr.read()}")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+TWO_RANKS = ["train.ranks=2", "rollout.replicas=2", f"cluster.devices={min(2, len(os.sched_getaffinity(0)))}"]
+
+
+@pytest.fixture(scope="module", params=[[], TWO_RANKS], ids=["one-rank", "two-ranks"])
+def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("e2e_resume")
-    common = RESUME + [f"output_dir={root / 'runs'}", f"base.cache_dir={root / 'cache'}"]
+    common = RESUME + request.param + [f"output_dir={root / 'runs'}", f"base.cache_dir={root / 'cache'}"]
     straight = run(load_config(None, common + ["name=straight"]), progress=False)
     killed_dir = _run_and_kill_after_step_2(common + ["name=killed"], root)
     killed_rows = read_metrics(os.path.join(killed_dir, "metrics.jsonl"))
