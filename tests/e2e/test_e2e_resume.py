@@ -1,7 +1,8 @@
 """Exact resume (issue 12): PPO with a critic and a reference model (every part of the state that matters) on a
 micro model. A run of 4 steps straight, and the same run killed with SIGKILL once its step-2 checkpoint exists,
 then resumed with `m2flow train --resume RUN_DIR`: the same metrics at every step and the same final weights,
-to the last bit. Also with the trainer on 2 ranks and 2 engine replicas on 2 logical devices (issue 14)."""
+to the last bit. Also with the trainer on 2 ranks and 2 engine replicas on 2 logical devices (issue 14; marked
+slow)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,9 @@ def _run_and_kill_after_step_2(overrides: list[str], root) -> str:
 TWO_RANKS = ["train.ranks=2", "rollout.replicas=2", f"cluster.devices={min(2, len(os.sched_getaffinity(0)))}"]
 
 
-@pytest.fixture(scope="module", params=[[], TWO_RANKS], ids=["one-rank", "two-ranks"])
+# the two-rank variant takes about 3.5 minutes on 2 cores: `make test-slow`
+@pytest.fixture(scope="module", params=[pytest.param([], id="one-rank"),
+                                        pytest.param(TWO_RANKS, id="two-ranks", marks=pytest.mark.slow)])
 def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("e2e_resume")
     common = RESUME + request.param + [f"output_dir={root / 'runs'}", f"base.cache_dir={root / 'cache'}"]
