@@ -103,7 +103,8 @@ def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, p
                 for k, v in metrics.items():
                     step_sums[k] = step_sums.get(k, 0.0) + v * share
             step_sums = all_reduce_sum({**step_sums, "_trained_share": trained_share})
-            trained_share = step_sums.pop("_trained_share")  # 1 unless rows were skipped (Actor._micro_batches)
+            # 1 unless rows were skipped (Actor._micro_batches); 0 when the mini-batch has no loss token at all
+            trained_share = step_sums.pop("_trained_share") or 1.0
             for k, v in step_sums.items():
                 sums[k] = sums.get(k, 0.0) + v / trained_share
             finite = all_ranks(finite)

@@ -128,6 +128,20 @@ def test_zero_advantages_leave_weights_unchanged(base_model, rollout):
         assert torch.equal(before[k], after[k]), k
 
 
+def test_a_batch_without_loss_tokens_updates_nothing(base_model, rollout):
+    """Every response masked out of the loss (e.g. all truncated, with algorithm.overlong_filter): no loss
+    token, no weight change, finite metrics."""
+    actor = _actor(copy.deepcopy(base_model), max_tokens_per_microbatch=48)
+    batch = _prepared(actor, rollout)
+    batch.response_mask = torch.zeros_like(batch.response_mask)
+    before = actor.state_dict()
+    metrics = actor.update(batch)
+    assert metrics["actor/pg_loss"] == 0.0 and metrics["actor/grad_norm"] == 0.0
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    after = actor.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_sequences_with_zero_advantage_are_skipped_with_the_same_update(base_model, rollout, fsdp):
     """A group whose rewards are all equal (algorithm.filter_groups=false keeps it) has advantage 0: the update
