@@ -329,6 +329,8 @@ def _validate_ranges(cfg: Config, check) -> None:
           "its own network settings")
     check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1,
           f"cluster.num_cpus must be >= 1 or null (all of this machine's), got {cfg.cluster.num_cpus}")
+    check(cfg.cluster.device != "cuda", "cluster.device=cuda: placing worker groups on GPUs is not built yet "
+          "(issue 14); use cluster.device=cpu (or auto)")
 
 
 def _validate_rollout(cfg: Config, check) -> None:

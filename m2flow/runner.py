@@ -53,7 +53,7 @@ from m2flow.resume import (
 )
 from m2flow.rollout import SamplingParams
 from m2flow.scheduler.cluster import launch, start_ray, stop_ray
-from m2flow.scheduler.devices import cpu_devices, place, resolve_device, usable_cores
+from m2flow.scheduler.devices import place, run_devices
 from m2flow.scheduler.group import WorkerGroup, generate_on_replicas
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker
 from m2flow.stages import (
@@ -95,6 +95,7 @@ def run(cfg: Config, progress: bool = True) -> dict:
     t_start = time.time()
     # bad config, data and prompts stop here, before a run directory is made or Ray is started
     run_dir = find_run_to_resume(cfg.resume, cfg.output_dir, cfg.name)  # None: a new run
+    devices = run_devices(cfg.cluster)
     task = load_task(cfg)
     if cfg.model.path:
         model_path, base_info = cfg.model.path, {}
@@ -119,11 +120,11 @@ def run(cfg: Config, progress: bool = True) -> dict:
     # Workers: rollout engine, trainer, (only with a KL term) the frozen reference and (only with GAE) the
     # critic, collocated.
     started_ray = not ray.is_initialized()
-    resources = start_ray(cfg.cluster)
+    start_ray(cfg.cluster)
     pool = RewardPool(cfg.reward.workers)  # reward scoring with a hard per-response time limit
     workers: list = []  # every Ray actor the run starts, killed when it ends however it ends
     try:
-        summary = _train(cfg, run_dir, model_path, base_info, task, resources, progress, t_start, pool, checkpoint,
+        summary = _train(cfg, run_dir, model_path, base_info, task, devices, progress, t_start, pool, checkpoint,
                          workers)
         write_status(run_dir, "completed")
         return summary
@@ -144,13 +145,11 @@ def run(cfg: Config, progress: bool = True) -> dict:
             stop_ray()
 
 
-def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Task, resources: dict,
+def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Task, devices: list[tuple[int, ...]],
            progress: bool, t_start: float, pool: RewardPool | None = None, checkpoint: str | None = None,
            workers: list | None = None) -> dict:
-    """The RL loop (from step 1, or from the step after `checkpoint`, a periodic checkpoint of this run)."""
-    resolve_device(cfg.cluster.device)
-    devices = cpu_devices(cfg.cluster.devices, usable_cores(cfg.cluster.num_cpus))  # collocated: every group spans them
-    log.info("devices: %d, cores %s", len(devices), " | ".join(",".join(map(str, d)) for d in devices))
+    """The RL loop (from step 1, or from the step after `checkpoint`, a periodic checkpoint of this run), its
+    worker groups collocated over `devices`."""
     replicas = cfg.rollout.replicas  # engine replicas, data-parallel
     rollout = WorkerGroup(RolloutWorker, replicas, model_path, cfg, name=f"rollout-{os.getpid()}",
                           placements=place(replicas, devices))

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from m2flow.config import ConfigError, load_config
-from m2flow.scheduler.devices import Placement, cpu_devices, place, resolve_device, usable_cores
+from m2flow.scheduler.devices import Placement, cpu_devices, place, run_devices, usable_cores
 
 
 def test_cores_split_into_even_contiguous_devices():
@@ -39,10 +39,11 @@ def test_a_group_spans_the_devices():
 
 
 def test_device_kinds():
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == "cpu"  # GPUs are not placed yet
-    with pytest.raises(ValueError, match="not built yet"):
-        resolve_device("cuda")
+    cores = usable_cores()
+    assert run_devices(load_config(None, ["cluster.device=cpu"]).cluster) == [tuple(cores)]
+    assert run_devices(load_config(None, []).cluster) == [tuple(cores)]  # auto: GPUs are not placed yet
+    with pytest.raises(ConfigError, match="cluster.device=cuda: placing worker groups on GPUs is not built yet"):
+        load_config(None, ["cluster.device=cuda"])
     with pytest.raises(ConfigError, match=r"cluster.device must be one of auto, cpu, cuda; got 'tpu'"):
         load_config(None, ["cluster.device=tpu"])
     with pytest.raises(ConfigError, match=r"cluster.devices must be >= 0"):

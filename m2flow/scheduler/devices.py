@@ -10,7 +10,7 @@ Collocated, every group spans all the devices: a group of k ranks on N devices g
 [r N/k, (r+1) N/k) when k <= N (one rank may hold several devices: their cores together), and device r mod N
 when k > N (ranks on one device share its cores' threads).
 
-GPUs are not placed yet (issue 14): cluster.device=cuda is refused with that message, and auto picks the CPU.
+GPUs are not placed yet (issue 14): config validation refuses cluster.device=cuda, and auto picks the CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from m2flow.config import DEVICE_KINDS
+from m2flow.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +32,16 @@ class Placement:
     threads: int
 
 
-def resolve_device(kind: str) -> str:
-    """`cluster.device` -> the device kind the run uses."""
-    if kind not in DEVICE_KINDS:
-        raise ValueError(f"cluster.device must be one of {', '.join(DEVICE_KINDS)}, got {kind!r}")
-    if kind == "cuda":
-        raise ValueError("cluster.device=cuda: placing worker groups on GPUs is not built yet (issue 14); "
-                         "use cluster.device=cpu (or auto)")
-    if kind == "auto":
+def run_devices(cluster: ClusterConfig) -> list[tuple[int, ...]]:
+    """The run's devices (validated cluster.device: auto or cpu), each a tuple of cores; logged."""
+    if cluster.device == "auto":
         import torch
 
         if torch.cuda.is_available():
             log.warning("a GPU is visible, but worker groups are not placed on GPUs yet (issue 14): running on CPU")
-    return "cpu"
+    devices = cpu_devices(cluster.devices, usable_cores(cluster.num_cpus))
+    log.info("devices: %d, cores %s", len(devices), " | ".join(",".join(map(str, d)) for d in devices))
+    return devices
 
 
 def usable_cores(num_cpus: int | None = None) -> list[int]:

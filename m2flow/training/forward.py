@@ -70,14 +70,16 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 def batch_logprobs(model, batch, temperature: float, micro_batch_size: int, max_tokens: int = 0,
                    share_prompts: bool = True) -> torch.Tensor:
     """Logprobs of a RolloutBatch's response tokens, micro-batched (packed with `max_tokens` > 0, computing a
-    shared prompt once with `share_prompts`); 0 off the response mask: [B, T]. On N trainer ranks each computes its share of the rows and the shares are summed."""
+    shared prompt once with `share_prompts`); 0 off the response mask: [B, T]. On N trainer ranks each computes
+    its share of the rows and the shares are summed."""
     from m2flow.training.data_parallel import rank_micro_batches, world
     from m2flow.training.packing import micro_batches
     from m2flow.training.token_stats import lean_head
 
     rank, size = world()
     out = torch.zeros_like(batch.response_mask)
-    for rows, mb, real in rank_micro_batches(batch, lambda b: micro_batches(b, micro_batch_size, max_tokens, share_prompts), rank, size):
+    split = lambda b: micro_batches(b, micro_batch_size, max_tokens, share_prompts)  # noqa: E731
+    for rows, mb, real in rank_micro_batches(batch, split, rank, size):
         T = mb.response_mask.shape[1]
         if lean_head(model) is not None:
             logprobs = response_token_stats(model, mb.input_ids, mb.attention_mask, T, temperature, max_tokens > 0,
