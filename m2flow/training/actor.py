@@ -162,10 +162,11 @@ class Actor:
     def _micro_batches(self, mini: RolloutBatch) -> list[tuple[torch.Tensor, RolloutBatch]]:
         t = self.train_cfg
         rows = torch.arange(len(mini))
-        active = (broadcast_to_tokens(mini.advantages, mini.response_mask) != 0).any(1)
-        if self.skip_zero_advantage and active.any():  # (with none active, all run: the metrics stay defined)
-            rows = rows[active]
-            mini = mini.select(rows)
+        if self.skip_zero_advantage:
+            active = (broadcast_to_tokens(mini.advantages, mini.response_mask) != 0).any(1)
+            if active.any():  # (with none active, all run: the metrics stay defined)
+                rows = rows[active]
+                mini = mini.select(rows)
         return [(rows[r], mb) for r, mb in micro_batches(mini, t.micro_batch_size, t.max_tokens_per_microbatch,
                                                           t.share_prompts)]
 
