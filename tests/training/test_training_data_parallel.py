@@ -55,6 +55,7 @@ def _rank_main(rank: int, world_size: int, store: str, out: str, train: dict) ->
     result = _train(True, **train)  # every rank takes part in the collectives, rank 0 holds the full weights
     if rank == 0:
         torch.save(result, out)
+    dist.barrier()  # both ranks done with every collective before the group is torn down
     dist.destroy_process_group()
 
 
