@@ -25,6 +25,7 @@ class RolloutBatch:
     ref_logprobs: Optional[torch.Tensor] = None  # [B, T] reference model logprobs
     values: Optional[torch.Tensor] = None  # [B, T] critic values before the update (algorithm.advantage=gae)
     returns: Optional[torch.Tensor] = None  # [B, T] the critic's regression targets (GAE advantages + values)
+    policy_version: Optional[torch.Tensor] = None  # [B] the weight version that generated each sample (long)
 
     @property
     def prompt_width(self) -> int:
@@ -50,7 +51,9 @@ class RolloutBatch:
             response_mask[i, :t] = 1
             rollout_logprobs[i, :t] = torch.tensor(s.logprobs)
         group_ids = torch.tensor([s.prompt_index for s in samples], dtype=torch.long)
-        return cls(input_ids, attention_mask, response_mask, rollout_logprobs, group_ids)
+        policy_version = torch.tensor([s.policy_version for s in samples], dtype=torch.long)
+        return cls(input_ids, attention_mask, response_mask, rollout_logprobs, group_ids,
+                   policy_version=policy_version)
 
     @classmethod
     def concat(cls, batches: list["RolloutBatch"], pad_token_id: int) -> "RolloutBatch":
@@ -81,6 +84,11 @@ class RolloutBatch:
         """The rows `index` of every tensor field."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: (v[index] if v is not None else None) for k, v in values.items()})
+
+    def to(self, device: torch.device | str) -> "RolloutBatch":
+        """Every tensor field on `device` (the same tensors where they are there already)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: (v.to(device) if v is not None else None) for k, v in values.items()})
 
     def split(self, size: int) -> list["RolloutBatch"]:
         """Consecutive micro-batches of at most `size` sequences."""

@@ -26,7 +26,9 @@ BENCH_TRAIN_HELP = """Trainer throughput on the demo's workload: one real step's
 for train.prompts_per_step prompts, scored, GRPO advantages), then the old-logprob pass and the update timed on a
 fresh copy of the model with padded micro-batches and with sequence packing at each --budgets value (a prompt
 computed once per sample, and once for all its samples: train.share_prompts). Prints
-seconds, update tokens/s (real tokens) and speed-ups against padded micro-batches, measured in the same run."""
+seconds, update tokens/s (real tokens) and speed-ups against padded micro-batches, measured in the same run.
+With --devices 1,2: the trainer (the config's settings) as d ranks on d logical CPU devices for each d, on the same
+batch: trainer tokens/s and the scaling ratio to the first d."""
 
 BENCH_MEMORY_HELP = """Peak memory of one actor update with a large vocabulary: full logits against memory-lean chunked
 logprobs (train.logits_chunk_tokens), each in a fresh process (peak RSS), on a small Qwen2 body with a
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     bt.add_argument("--budgets", default="2048,4096,8192",
                     help="packed variants: train.max_tokens_per_microbatch values (default: 2048,4096,8192)")
     bt.add_argument("--repeats", type=int, default=3, help="runs per variant, the median is reported (default: 3)")
+    bt.add_argument("--devices", default="",
+                    help="measure scaling instead: comma-separated device counts, e.g. 1,2 (trainer ranks = devices)")
     bt.add_argument("--model", default="", help="an HF model directory (default: the demo's base model, built if missing)")
     bt.add_argument("--out-dir", default="benchmarks/results", help="where the JSON result goes")
     bt.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. train.micro_batch_size=64)")
@@ -210,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from m2flow.data.datasets import DataError
+    from m2flow.models.hub import ModelPathError
     from m2flow.report import print_summary
     from m2flow.resume import ResumeError
     from m2flow.faults import NonFiniteTrainingError, StageError
@@ -219,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(cfg, progress=not args.no_progress)
     except DataError as e:  # a missing, empty or malformed data file, found before anything starts
         print(f"m2flow: data error: {e}", file=sys.stderr)
+        return 2
+    except ModelPathError as e:  # a Hub id that could not be fetched, found before anything starts
+        print(f"m2flow: model error: {e}", file=sys.stderr)
         return 2
     except ResumeError as e:  # nothing to resume, found before anything starts
         print(f"m2flow: resume error: {e}", file=sys.stderr)
@@ -262,7 +270,7 @@ def _demo_seeds(args) -> int:
 def _bench_train(args) -> int:
     import torch
 
-    from m2flow.bench.train import format_table, run_train_benchmark
+    from m2flow.bench.train import format_devices_table, format_table, run_devices_benchmark, run_train_benchmark
     from m2flow.config import ConfigError, load_config
     from m2flow.data.templates import format_prompt
     from m2flow.data.task import load_task
@@ -283,6 +291,14 @@ def _bench_train(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     problems = task.train[: cfg.train.prompts_per_step]
     prompts = [format_prompt(p.question, tokenizer, cfg.data.template) for p in problems]
+    if args.devices:
+        counts = [int(x) for x in args.devices.split(",") if x.strip()]
+        result = run_devices_benchmark(cfg, model_path, prompts, [p.answer for p in problems], counts, args.repeats,
+                                       args.out_dir)
+        print(f"\nm2flow bench train --devices: {result['cpu']}, {result['cores']} cores, {model_path}\n")
+        print(format_devices_table(result))
+        print(f"\nwrote {result['path']}")
+        return 0
     budgets = [int(x) for x in args.budgets.split(",") if x.strip()]
     result = run_train_benchmark(cfg, model_path, prompts, [p.answer for p in problems], budgets, args.repeats,
                                  args.out_dir)

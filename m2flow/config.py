@@ -23,14 +23,14 @@ class ClusterConfig:
     address: Optional[str] = None  # Ray cluster address ("auto", "ray://host:10001"); None starts Ray locally
     num_cpus: Optional[int] = None  # CPUs for a locally started Ray; None = all of this machine's
     placement: str = "collocated"  # where worker groups run: collocated (all stages share the devices)
-    device: str = "auto"  # auto | cpu | cuda: the devices worker groups are placed on (GPUs are not placed yet: auto runs on CPU, cuda is refused)
-    devices: int = 0  # how many devices the run uses; on CPU a device is a set of cores (the usable cores split evenly; each rank is pinned to its device's cores, threads = its cores); 0 = one device of all cores
+    device: str = "auto"  # auto | cpu | cuda: the devices worker groups are placed on; auto = cuda when the Ray cluster has GPUs (each rank sees one GPU; groups share them, collocated)
+    devices: int = 0  # how many devices the run uses: GPUs (0 = all of the cluster's), or on CPU sets of cores (each node's usable cores split evenly; each rank is pinned to its device's cores, threads = its cores; 0 = one device per node)
     listen_all: bool = False  # a locally started Ray listens on all network interfaces (warns: no authentication, anyone reaching its ports can run code); false = 127.0.0.1 only
 
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # HF model directory to start from; empty = the warm-started tiny base (see `base`)
+    path: str = ""  # HF model directory to start from, or a Hugging Face Hub id (owner/name, not a local path: fetched into the HF cache at start-up); empty = the warm-started tiny base (see `base`)
     dtype: str = "float32"  # parameter dtype for training and rollout: float32 | bfloat16
 
 
@@ -140,8 +140,10 @@ class TrainConfig:
     logits_chunk_tokens: int = 1024  # memory-lean logprobs and entropy: the LM head's logits computed (and recomputed in backward) this many tokens at a time, never [tokens, vocab] at once; 0 = all at once
     old_logprobs: str = "auto"  # the PPO ratio's old logprobs: rollout (the engine's, no extra pass), recompute (a trainer pass), auto (rollout when model.dtype is float32: the engine computes the trainer's distribution)
     logprob_check_every: int = 10  # with rollout old logprobs, every k steps the trainer's logprobs are computed anyway and their gap logged (rollout/logprob_abs_diff); 0 = never
-    fsdp: bool = True  # wrap the actor with FSDP2 (fully_shard) over the trainer's process group
-    ranks: int = 1  # trainer ranks: data parallel, FSDP2 sharding over a gloo group (each rank gets its share of the threads)
+    fsdp: bool = True  # wrap the actor and the critic (and, on several ranks, the frozen reference) with FSDP2 (fully_shard), each over its own group's ranks
+    activation_checkpointing: bool = False  # the actor and the critic keep only each decoder layer's input in the forward pass and recompute the rest in backward: far less activation memory for about one more forward pass of compute (the same gradients)
+    ranks: int = 1  # trainer ranks: data parallel, FSDP2 sharding over a gloo group (each rank gets its share of the threads); the reference (kl_coef > 0) and the critic (gae) are groups of as many ranks, each its own gloo group, placed like the actor's
+    weight_sync_bucket_mb: float = 256  # the weight sync after each step moves the trainer's weights to the engines through the object store in buckets of at most this many MiB (a larger weight goes alone), so no process holds a second full copy; metrics time/weight_sync, weight_sync/*
     max_bad_steps: int = 3  # optimizer steps with a non-finite loss or gradient norm are skipped and counted (actor/skipped_steps, critic/skipped_steps); this many in a row stop the run with an error
 
 
@@ -290,7 +292,8 @@ def _validate_ranges(cfg: Config, check) -> None:
           f"name must be a plain name (no '/', '\\' or '..': the run directory must stay inside output_dir), "
           f"got {cfg.name!r}")
     t, r, rw, b, d = cfg.train, cfg.rollout, cfg.reward, cfg.base, cfg.data
-    finite_positive = {"train.lr": t.lr, "reward.timeout_s": rw.timeout_s, "base.sft_lr": b.sft_lr}
+    finite_positive = {"train.lr": t.lr, "reward.timeout_s": rw.timeout_s, "base.sft_lr": b.sft_lr,
+                       "train.weight_sync_bucket_mb": t.weight_sync_bucket_mb}
     for key, value in finite_positive.items():
         check(math.isfinite(value) and value > 0, f"{key} must be a finite number > 0, got {value}")
     check(0 <= b.sft_final_lr_fraction <= 1, f"base.sft_final_lr_fraction must be in [0, 1], got {b.sft_final_lr_fraction}")
@@ -329,8 +332,6 @@ def _validate_ranges(cfg: Config, check) -> None:
           "its own network settings")
     check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1,
           f"cluster.num_cpus must be >= 1 or null (all of this machine's), got {cfg.cluster.num_cpus}")
-    check(cfg.cluster.device != "cuda", "cluster.device=cuda: placing worker groups on GPUs is not built yet "
-          "(issue 14); use cluster.device=cpu (or auto)")
 
 
 def _validate_rollout(cfg: Config, check) -> None:
@@ -359,11 +360,14 @@ def _validate_paths(cfg: Config, check) -> None:
     """Files named by the config exist (checked before a run directory is made or anything starts)."""
     from m2flow.data.datasets import SUFFIXES
 
+    from m2flow.models.hub import is_hub_id
+
     path = cfg.model.path
-    if path:
+    if path and not is_hub_id(path):  # a Hub id is fetched (and so checked) when the run starts
         check(os.path.isfile(os.path.join(path, "config.json")),
-              f"model.path must be an HF model directory with a config.json; {path!r} "
-              f"{'has none' if os.path.isdir(path) else 'does not exist'} (empty = build the tiny base model)")
+              f"model.path must be an HF model directory with a config.json, or a Hugging Face Hub id "
+              f"(owner/name); {path!r} {'has none' if os.path.isdir(path) else 'does not exist'} "
+              f"(empty = build the tiny base model)")
         check(any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")),
               f"model.path {path!r} has no tokenizer (tokenizer.json or tokenizer_config.json); save the "
               f"tokenizer with the model (tokenizer.save_pretrained)")

@@ -3,7 +3,8 @@ moment leaves the previous one valid, what the driver saves beside the trainers 
 position, RNG states, running totals), and which run `resume` continues.
 
 A periodic checkpoint `checkpoints/step_NNNNNN/` holds the policy as an HF checkpoint (transformers loads it)
-with the actor's trainer_state.pt, the critic's weights and state in `critic/` (PPO only) and the driver's
+with the actor's sharded weights and optimizer state (trainer_dcp/) and trainer_state.pt, the critic's weights and
+state in `critic/` (PPO only) and the driver's
 `run_state.json`. It is written as `step_NNNNNN.tmp/` and renamed into place once complete; an old checkpoint
 is renamed to `.old` before it is deleted. So a directory named `step_NNNNNN` (no dot) is always complete, and
 a kill leaves at most a `.tmp` or `.old` behind, which the next start removes.

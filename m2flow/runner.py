@@ -38,6 +38,7 @@ from m2flow.eval.run import Protocol
 from m2flow.faults import NonFiniteTrainingError, StageError, check_bad_steps, stage, timer, write_status
 from m2flow.io import atomic_write_text
 from m2flow.metrics import MetricsLogger, plot_metrics
+from m2flow.models.hub import resolve_model_path
 from m2flow.rewards import get_reward
 from m2flow.rewards.limits import RewardPool, RewardScorer
 from m2flow.rewards.math import timeout_score
@@ -52,8 +53,8 @@ from m2flow.resume import (
     write_checkpoint,
 )
 from m2flow.rollout import SamplingParams
-from m2flow.scheduler.cluster import launch, start_ray, stop_ray
-from m2flow.scheduler.devices import place, run_devices
+from m2flow.scheduler.cluster import start_ray, stop_ray
+from m2flow.scheduler.devices import Device, check_devices, place, release_devices, run_devices
 from m2flow.scheduler.group import WorkerGroup, generate_on_replicas
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker
 from m2flow.stages import (
@@ -67,6 +68,7 @@ from m2flow.stages import (
     round_seed,
 )
 from m2flow.training.warm_start import ensure_base_model
+from m2flow.training.weight_sync import GB
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +97,10 @@ def run(cfg: Config, progress: bool = True) -> dict:
     t_start = time.time()
     # bad config, data and prompts stop here, before a run directory is made or Ray is started
     run_dir = find_run_to_resume(cfg.resume, cfg.output_dir, cfg.name)  # None: a new run
-    devices = run_devices(cfg.cluster)
+    check_devices(cfg.cluster)
     task = load_task(cfg)
     if cfg.model.path:
-        model_path, base_info = cfg.model.path, {}
+        model_path, base_info = resolve_model_path(cfg.model.path), {}  # a Hub id -> its local snapshot
     else:
         model_path, base_info = ensure_base_model(base_config(cfg), task.sft, task.held_out[: cfg.eval.num_problems],
                                                   cfg.data.template, cfg.eval.max_new_tokens, progress)
@@ -118,12 +120,14 @@ def run(cfg: Config, progress: bool = True) -> dict:
         log.info("resuming from %s%s", checkpoint, f" (removed leftovers {removed})" if removed else "")
 
     # Workers: rollout engine, trainer, (only with a KL term) the frozen reference and (only with GAE) the
-    # critic, collocated.
+    # critic, collocated; the trainer, reference and critic are groups of train.ranks ranks each.
     started_ray = not ray.is_initialized()
     start_ray(cfg.cluster)
     pool = RewardPool(cfg.reward.workers)  # reward scoring with a hard per-response time limit
     workers: list = []  # every Ray actor the run starts, killed when it ends however it ends
+    devices = []
     try:
+        devices = run_devices(cfg.cluster)  # over the cluster's nodes (GPUs: reserved as a placement group)
         summary = _train(cfg, run_dir, model_path, base_info, task, devices, progress, t_start, pool, checkpoint,
                          workers)
         write_status(run_dir, "completed")
@@ -141,11 +145,12 @@ def run(cfg: Config, progress: bool = True) -> dict:
                 ray.kill(handle)
             except Exception:  # noqa: BLE001 (already dead)
                 pass
+        release_devices(devices)
         if started_ray:
             stop_ray()
 
 
-def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Task, devices: list[tuple[int, ...]],
+def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Task, devices: list[Device],
            progress: bool, t_start: float, pool: RewardPool | None = None, checkpoint: str | None = None,
            workers: list | None = None) -> dict:
     """The RL loop (from step 1, or from the step after `checkpoint`, a periodic checkpoint of this run), its
@@ -153,20 +158,24 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     replicas = cfg.rollout.replicas  # engine replicas, data-parallel
     rollout = WorkerGroup(RolloutWorker, replicas, model_path, cfg, name=f"rollout-{os.getpid()}",
                           placements=place(replicas, devices))
-    ranks = cfg.train.ranks  # the trainer group: FSDP2 over a gloo group of this many ranks, data parallel
-    store = os.path.join(run_dir, ".trainer-rendezvous")  # a file store (no port); a killed run's is stale
-    if os.path.exists(store):
-        os.unlink(store)
-    actor = WorkerGroup(ActorWorker, ranks, model_path, cfg, name=f"actor-{os.getpid()}",
-                        placements=place(ranks, devices),
-                        rank_kwargs=lambda r: {"rank": r, "world_size": ranks, "store": store})
-    whole = place(1, devices)[0]  # one worker on every device
-    reference = (launch(ReferenceWorker, model_path, cfg, name=f"reference-{os.getpid()}", threads=whole.threads,
-                        placement=whole) if cfg.algorithm.kl_coef > 0 else None)
-    critic = (launch(CriticWorker, model_path, cfg, name=f"critic-{os.getpid()}", threads=whole.threads,
-                     placement=whole) if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None)
+    ranks = cfg.train.ranks  # each trainer group: FSDP2 over a gloo group of this many ranks, data parallel
+
+    def trainer_group(cls, role: str, rendezvous: str) -> WorkerGroup:
+        """`ranks` ranks of `cls`, rank r placed on the devices of the actor's rank r, forming a process group of
+        their own through the file store run_dir/`rendezvous` (no port; a killed run's is stale)."""
+        store = os.path.join(run_dir, rendezvous)
+        if os.path.exists(store):
+            os.unlink(store)
+        return WorkerGroup(cls, ranks, model_path, cfg, name=f"{role}-{os.getpid()}", placements=place(ranks, devices),
+                           rank_kwargs=lambda r: {"rank": r, "world_size": ranks, "store": store})
+
+    actor = trainer_group(ActorWorker, "actor", ".trainer-rendezvous")
+    reference = (trainer_group(ReferenceWorker, "reference", ".reference-rendezvous")
+                 if cfg.algorithm.kl_coef > 0 else None)
+    critic = (trainer_group(CriticWorker, "critic", ".critic-rendezvous")
+              if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None)
     if workers is not None:
-        workers.extend([*rollout.ranks, *actor.ranks, *(h for h in (reference, critic) if h is not None)])
+        workers.extend([*rollout.ranks, *(r for g in (actor, reference, critic) if g is not None for r in g.ranks)])
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -207,12 +216,17 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
 
     skipped = {split: len(rows) for split, rows in task.skipped.items()}
 
-    def sync_weights(version: int) -> None:
-        """The trainer's weights into every engine replica: the trainer ranks gather them (rank 0 returns the
-        full state dict, once, into the object store) and each replica fetches it from there."""
-        gathered = actor.remote("state_dict")
-        rollout.call("load_weights", gathered[0], version)
-        ray.get(gathered)
+    def sync_weights(version: int) -> dict[str, float]:
+        """The trainer's weights into every engine replica, as weight version `version`, in buckets of at most
+        train.weight_sync_bucket_mb: the trainer ranks gather them weight by weight and rank 0 puts each bucket
+        into the object store; each replica fetches and loads the buckets one at a time. The driver handles only
+        the references. Returns the weight_sync/ metrics (GiB moved to each replica, and per second)."""
+        start = time.perf_counter()
+        refs, total = actor.call("weight_buckets", cfg.train.weight_sync_bucket_mb)[0]  # rank 0's
+        rollout.call("load_weight_buckets", refs, version)  # inside a list, the references are passed as they are
+        seconds = time.perf_counter() - start
+        return {"weight_sync/gb": total / GB, "weight_sync/gb_per_s": total / GB / max(seconds, 1e-9),
+                "weight_sync/buckets": float(len(refs))}
 
     sampler = PromptSampler(len(task.train), cfg.seed)
     rollout_old = old_logprobs_from_rollout(cfg)
@@ -230,7 +244,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         state = load_run_state(checkpoint)
         with stage({}, "resume"):
             ray.get([*actor.remote("load_state", checkpoint)] +
-                    ([critic.load_state.remote(os.path.join(checkpoint, CRITIC))] if critic else []))
+                    (critic.remote("load_state", os.path.join(checkpoint, CRITIC)) if critic is not None else []))
             sync_weights(state["policy_version"])
         sampler.load_state(state["sampler"])
         set_rng_state(state["rng"])
@@ -242,7 +256,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     def save_checkpoint(step: int) -> None:
         def write_parts(tmp: str) -> None:
             ray.get([*actor.remote("save_state", tmp)] +
-                    ([critic.save_state.remote(os.path.join(tmp, CRITIC))] if critic else []))
+                    (critic.remote("save_state", os.path.join(tmp, CRITIC)) if critic is not None else []))
         write_checkpoint(run_dir, step, write_parts, {
             "policy_version": step, "sampler": sampler.state(), "rng": rng_state(), "totals": totals,
             "before": dataclasses.asdict(before), "benchmarks_before": benchmarks_before, "base_model": model_path},
@@ -279,29 +293,34 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                     check = not rollout_old or (cfg.train.logprob_check_every > 0
                                                 and step % cfg.train.logprob_check_every == 0)
                     # one copy in the object store for every worker that reads the batch
-                    batch_ref = ray.put(train_batch) if check or reference or critic else None
+                    batch_ref = (ray.put(train_batch) if check or reference is not None or critic is not None
+                                 else None)
+                    # the three groups run at once; every rank of each returns the whole batch's: rank 0's are taken
                     old_refs = actor.remote("compute_logprobs", batch_ref) if check else None
-                    ref_ref = reference.compute_logprobs.remote(batch_ref) if reference else None
-                    values_ref = critic.compute_values.remote(batch_ref) if critic else None
-                    trainer_logprobs = ray.get(old_refs)[0] if check else None  # every rank returns them all
+                    ref_refs = reference.remote("compute_logprobs", batch_ref) if reference is not None else None
+                    values_refs = critic.remote("compute_values", batch_ref) if critic is not None else None
+                    trainer_logprobs = ray.get(old_refs)[0] if check else None
                     train_batch.old_logprobs = (train_batch.rollout_logprobs * train_batch.response_mask
                                                 if rollout_old else trainer_logprobs)
-                    train_batch.ref_logprobs = ray.get(ref_ref) if ref_ref else None
-                    train_batch.values = ray.get(values_ref) if values_ref else None
+                    train_batch.ref_logprobs = ray.get(ref_refs)[0] if ref_refs else None
+                    train_batch.values = ray.get(values_refs)[0] if values_refs else None
                 if trainer_logprobs is not None:  # the engine vs the trainer on the same weights
                     train_metrics |= logprob_gap(train_batch, trainer_logprobs)
                 with stage(times, "advantage"):
                     train_metrics |= compute_advantages(train_batch, cfg)
+                update_ref = ray.put(train_batch)  # with the advantages (and returns): one copy for both groups
                 if critic is not None:
                     with stage(times, "critic_update"):
-                        train_metrics |= ray.get(critic.update.remote(train_batch))
+                        train_metrics |= critic.call("update", update_ref)[0]  # the same on every rank
                 with stage(times, "update"):
-                    train_metrics |= actor.call("update", ray.put(train_batch))[0]  # the same on every rank
+                    train_metrics |= actor.call("update", update_ref)[0]  # the same on every rank
                 with stage(times, "weight_sync"):
-                    sync_weights(step)
+                    train_metrics |= sync_weights(step)
+            else:  # no update, the same weights: the engines only take the new version number
+                rollout.call("set_policy_version", step)
 
         samples = [s for r in rounds for s in r.samples]
-        metrics = {**batch_metrics(rounds, train_batch, cfg), **filter_metrics, **train_metrics, **times}
+        metrics = {**batch_metrics(rounds, train_batch, cfg, step), **filter_metrics, **train_metrics, **times}
         if engine_stats[0] is not None:  # m2flow's engine: prefix sharing, preemptions, decode batch size
             metrics |= sum(engine_stats[1:], engine_stats[0]).metrics()
         totals["samples"] += len(samples)

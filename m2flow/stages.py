@@ -152,8 +152,12 @@ def logprob_gap(batch: RolloutBatch, trainer_logprobs: torch.Tensor) -> dict[str
             "rollout/logprob_max_abs_diff": float(diff.max()) if m.any() else 0.0}
 
 
-def batch_metrics(rounds: list[Round], train_batch: RolloutBatch, cfg: Config) -> dict[str, float]:
+def batch_metrics(rounds: list[Round], train_batch: RolloutBatch, cfg: Config, step: int) -> dict[str, float]:
+    """Metrics of step `step`'s generated samples (all rounds) and its training batch. The weights synced after
+    step k are version k, so on-policy the samples of step k carry version k - 1: `rollout/policy_version` is
+    the oldest version among them and `rollout/staleness` how many steps behind it is (0 on-policy)."""
     samples = [s for r in rounds for s in r.samples]
+    oldest = int(torch.cat([r.batch.policy_version for r in rounds]).min())
     raw = torch.cat([r.raw_scores for r in rounds])
     lengths = torch.cat([r.lengths for r in rounds])
     out = {"batch/informative_frac": len(train_batch) / len(samples)}
@@ -164,6 +168,8 @@ def batch_metrics(rounds: list[Round], train_batch: RolloutBatch, cfg: Config) -
         "response/length_max": float(lengths.max()),
         "response/truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
         "reward/timeouts": float(sum(r.timeouts for r in rounds)),
+        "rollout/policy_version": float(oldest),
+        "rollout/staleness": float(step - 1 - oldest),
     }
     if cfg.reward.overlong_buffer > 0 or cfg.reward.scale != 1.0 or cfg.reward.clip is not None:
         out["reward/shaped_mean"] = float(torch.cat([r.batch.scores for r in rounds]).mean())

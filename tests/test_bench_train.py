@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
-from m2flow.bench.train import format_table, run_train_benchmark
+from m2flow.bench.train import format_devices_table, format_table, run_devices_benchmark, run_train_benchmark
 from m2flow.config import load_config
 from m2flow.training.checkpoint import save_hf_checkpoint
 
@@ -30,6 +31,28 @@ def test_train_benchmark_runs_every_variant_on_the_same_batch(tmp_path, make_mic
     assert saved["rows"] == result["rows"]
     table = format_table(result)
     assert table.splitlines()[0].startswith("6 sequences") and "| padded, micro_batch_size=3 |" in table
+
+
+def test_devices_benchmark_runs_the_trainer_group_on_each_device_count(tmp_path, make_micro_model, tokenizer,
+                                                                      chat_prompts):
+    model = make_micro_model(0)
+    path = save_hf_checkpoint(str(tmp_path / "model"), model.config, model.state_dict(), tokenizer)
+    cores = sorted(os.sched_getaffinity(0))
+    counts = [1, min(2, len(cores))]
+    cfg = load_config(None, ["rollout.n=2", "rollout.max_new_tokens=8", "train.max_tokens_per_microbatch=64",
+                             "algorithm.filter_groups=false"])
+    result = run_devices_benchmark(cfg, path, chat_prompts(3), ["1", "2", "3"], counts, repeats=1,
+                                   out_dir=str(tmp_path / "out"))
+    rows = result["rows"]
+    assert [r["devices"] for r in rows] == [r["ranks"] for r in rows] == counts
+    assert rows[0]["cores"] == [cores] and sorted(c for cs in rows[1]["cores"] for c in cs) == cores
+    assert rows[0]["scaling"] == 1.0
+    for r in rows:
+        assert r["logprobs_s"] > 0 and r["update_s"] > 0
+        assert r["trainer_tokens_per_s"] == result["real_tokens"] / (r["logprobs_s"] + r["update_s"])
+    assert json.loads(open(result["path"]).read())["rows"] == rows
+    table = format_devices_table(result)
+    assert table.splitlines()[0].startswith("6 sequences") and "| 1 | " in table
 
 
 def test_memory_benchmark_measures_each_chunk_size_in_its_own_process():

@@ -25,6 +25,8 @@ from m2flow.rollout.model_runner import kv_bytes_per_token
 # Architectures with random weights (no download): the tiny default, and Qwen2.5-1.5B's.
 PRESETS = {
     "tiny": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384),
+    "qwen2.5-0.5b": dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+                         vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960,
                          vocab_size=151936, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=True),
 }

@@ -10,6 +10,10 @@ sequence computed; a last variant lets the update skip the sequences with advant
 runs is reported, with tokens per second counting real tokens (prompt + response, no padding) so the variants
 compare on the same work. On a shared machine, run it alone: other processes on the cores show up as slow
 variants.
+
+With `--devices 1,2` it measures scaling instead: the trainer with the config's settings as a worker group of d
+ranks (FSDP2 over gloo, data parallel by tokens) on d logical CPU devices (scheduler/devices.py: each rank
+pinned to its device's cores), for each d, on the same batch; trainer tokens/s and the ratio to the first d.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import dataclasses
 import json
 import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -109,6 +114,86 @@ def run_train_benchmark(cfg: Config, model_path: str, prompts: list[str], answer
     atomic_write_text(path, json.dumps(result, indent=2))
     result["path"] = path
     return result
+
+
+def time_devices(cfg: Config, model_path: str, batch: RolloutBatch, counts: list[int], repeats: int) -> list[dict]:
+    """For each d in `counts`: the trainer as d ranks (train.ranks=d) on d logical devices (cluster.devices=d),
+    Ray workers as in a run; median seconds of the old-logprob pass and of the update over `repeats` calls after a
+    warm-up call (the update keeps training the group's weights: the same tokens each time)."""
+    import ray
+
+    from m2flow.scheduler.cluster import start_ray, stop_ray
+    from m2flow.scheduler.devices import place, run_devices
+    from m2flow.scheduler.group import WorkerGroup
+    from m2flow.scheduler.workers import ActorWorker
+
+    started = not ray.is_initialized()
+    start_ray(cfg.cluster)
+    rows = []
+    try:
+        batch_ref = ray.put(batch)
+        for d in counts:
+            run_cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, devices=d),
+                                          train=dataclasses.replace(cfg.train, ranks=d))
+            devices = run_devices(run_cfg.cluster)
+            store = os.path.join(tempfile.mkdtemp(prefix="m2flow-bench-"), "rendezvous")
+            group = WorkerGroup(ActorWorker, d, model_path, run_cfg, name=f"bench-train-{d}-{os.getpid()}",
+                                placements=place(d, devices),
+                                rank_kwargs=lambda r: {"rank": r, "world_size": d, "store": store})
+            try:
+                logprob_s, update_s = [], []
+                prepared = None
+                for i in range(repeats + 1):
+                    start = time.perf_counter()
+                    old = group.call("compute_logprobs", batch_ref)[0]
+                    logprobs_time = time.perf_counter() - start
+                    if prepared is None:
+                        prepared = ray.put(dataclasses.replace(batch, old_logprobs=old))
+                    start = time.perf_counter()
+                    group.call("update", prepared)
+                    if i > 0:
+                        logprob_s.append(logprobs_time)
+                        update_s.append(time.perf_counter() - start)
+            finally:
+                group.kill()
+            rows.append({"devices": d, "ranks": d, "cores": [list(p.cores) for p in place(d, devices)],
+                         "logprobs_s": statistics.median(logprob_s), "update_s": statistics.median(update_s)})
+    finally:
+        if started:
+            stop_ray()
+    real = int(batch.attention_mask.sum())
+    for row in rows:
+        row["update_tokens_per_s"] = real / row["update_s"]
+        row["trainer_tokens_per_s"] = real / (row["logprobs_s"] + row["update_s"])
+        row["scaling"] = row["trainer_tokens_per_s"] / rows[0]["trainer_tokens_per_s"]
+    return rows
+
+
+def run_devices_benchmark(cfg: Config, model_path: str, prompts: list[str], answers: list[str], counts: list[int],
+                          repeats: int, out_dir: str) -> dict:
+    from m2flow.bench.learning import cpu_model
+
+    batch = demo_workload(cfg, model_path, prompts, answers)
+    rows = time_devices(cfg, model_path, batch, counts, repeats)
+    result = {"cpu": cpu_model(), "cores": os.cpu_count(), "model": model_path, "sequences": len(batch),
+              "real_tokens": int(batch.attention_mask.sum()), "repeats": repeats,
+              "train": dataclasses.asdict(cfg.train), "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"train-devices-cpu-{os.cpu_count()}cores.json")
+    atomic_write_text(path, json.dumps(result, indent=2))
+    result["path"] = path
+    return result
+
+
+def format_devices_table(result: dict) -> str:
+    lines = [f"{result['sequences']} sequences, {result['real_tokens']} real tokens, median of {result['repeats']}",
+             "", "| devices (= trainer ranks) | cores per rank | old-logprob pass (s) | update (s) | trainer tokens/s "
+             "(both passes) | scaling |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        cores = " / ".join(",".join(map(str, c)) for c in r["cores"])
+        lines.append(f"| {r['devices']} | {cores} | {r['logprobs_s']:.2f} | {r['update_s']:.2f} | "
+                     f"{r['trainer_tokens_per_s']:.0f} | {r['scaling']:.2f}x |")
+    return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:

@@ -6,6 +6,8 @@ that `generate` returns, scaled by the temperature (see `Sample`).
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from m2flow.rollout.types import Sample, SamplingParams
@@ -29,10 +31,24 @@ class HFEngine:
         self.batch_size = batch_size
         self.policy_version = 0
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], policy_version: int) -> None:
-        """In-place weight update by parameter name (tied weights may appear once)."""
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if k != "lm_head.weight"]
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                     policy_version: int) -> None:
+        """In-place weight update by parameter name, from a dict or a stream of (name, tensor) pairs (the
+        buckets of a weight sync), copied one at a time. Every weight must come (a tied lm_head.weight may be
+        left out); an unknown name or a shape mismatch raises."""
+        params = self.model.state_dict()  # views of the parameters
+        loaded, unexpected = set(), []
+        for name, tensor in weights.items() if isinstance(weights, dict) else weights:
+            if name not in params:
+                unexpected.append(name)
+                continue
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                                 f"{tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+            loaded.add(name)
+        missing = [k for k in params if k not in loaded and k != "lm_head.weight"]
         if missing or unexpected:
             raise ValueError(f"weight update does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.policy_version = policy_version

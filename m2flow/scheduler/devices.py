@@ -1,16 +1,28 @@
 """The devices a run places its worker groups on (cluster.device, cluster.devices), and which of them each rank
 of a group gets.
 
-On CPU a logical device is a set of cores: the cores this process may use (`os.sched_getaffinity`, the first
-cluster.num_cpus of them when set) split into cluster.devices equal contiguous sets. A rank placed on a device
-pins itself to the device's cores and runs as many torch threads, so an N-device run on one machine is real
-and measurable: 2 trainer ranks on 2 one-core devices really run side by side, each on its own core.
+On CPU a logical device is a set of cores of one node: each node's cores split into equal contiguous sets. A
+rank placed on a device runs on that device's node, pins itself to the device's cores and runs as many torch
+threads, so an N-device run on one machine is real and measurable: 2 trainer ranks on 2 one-core devices really
+run side by side, each on its own core.
+
+The nodes are the Ray cluster's live nodes with CPUs (one for a locally started Ray; several with
+cluster.address), the driver's node first. cluster.devices are spread over them in that order as evenly as
+possible (0 = one device per node, of all its cores). The driver's node offers the cores this process may use
+(`os.sched_getaffinity`, as many as Ray counts CPUs on it); another node offers cores 0 .. its Ray CPU count - 1
+(a rank that cannot pin to them runs unpinned, with a warning).
 
 Collocated, every group spans all the devices: a group of k ranks on N devices gives rank r the devices
-[r N/k, (r+1) N/k) when k <= N (one rank may hold several devices: their cores together), and device r mod N
-when k > N (ranks on one device share its cores' threads).
+[r N/k, (r+1) N/k) when k <= N (one rank may hold several devices of one node: their cores together; those of
+its range on another node are left to other ranks), and device r mod N when k > N (ranks on one device share
+its cores' threads).
 
-GPUs are not placed yet (issue 14): config validation refuses cluster.device=cuda, and auto picks the CPU.
+On GPUs (cluster.device=cuda, or auto on a Ray cluster with GPUs) a device is one GPU: the run reserves
+cluster.devices of them (0 = all) as a placement group of one-GPU bundles, packed onto as few nodes as hold them.
+A rank placed on one runs in that bundle and requests a small share of its GPU, so Ray shows it exactly that GPU
+(CUDA_VISIBLE_DEVICES) and the groups collocated on it share it; it computes on "cuda". With k ranks on N GPUs,
+rank r gets GPU r N/k when k <= N, and GPU r mod N when k > N. (The GPU path has not run on a real GPU yet: its
+placement is tested with Ray's logical GPUs.)
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from m2flow.config import ClusterConfig
 
@@ -25,23 +38,124 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Device:
+    """One device of the run: a set of cores of one node (CPU), or one GPU of one node, reserved as bundle `gpu` of
+    the run's placement group `group` (GPU)."""
+
+    cores: tuple[int, ...]
+    node: str = ""  # the Ray node id ("" = the driver's node, before Ray is up)
+    gpu: int | None = None  # GPU devices: the bundle index in `group`
+    group: Any = None  # GPU devices: the ray.util.placement_group.PlacementGroup holding one GPU per bundle
+
+
+@dataclass(frozen=True)
 class Placement:
-    """Where one rank runs: the cores it is pinned to and its torch threads."""
+    """Where one rank runs: its node, the cores it is pinned to and its torch threads; on a GPU device, its GPU
+    (bundle `gpu` of placement group `group`, which Ray exposes to the rank as CUDA_VISIBLE_DEVICES)."""
 
     cores: tuple[int, ...]
     threads: int
+    node: str = ""  # the Ray node id the rank is scheduled on ("" = anywhere: the driver's node, locally)
+    gpu: int | None = None
+    group: Any = None
+
+    @property
+    def device(self) -> str:
+        """The torch device the rank computes on: "cuda" (its one visible GPU) or "cpu"."""
+        return "cpu" if self.gpu is None else "cuda"
 
 
-def run_devices(cluster: ClusterConfig) -> list[tuple[int, ...]]:
-    """The run's devices (validated cluster.device: auto or cpu), each a tuple of cores; logged."""
-    if cluster.device == "auto":
-        import torch
+def check_devices(cluster: ClusterConfig) -> None:
+    """Before Ray starts: a locally started Ray's cluster.devices fit this machine's cores (ValueError naming the
+    key if not); a cluster's nodes are only known once Ray is up (run_devices checks them then)."""
+    if cluster.address is None and device_kind(cluster) == "cpu":
+        cpu_devices(cluster.devices, usable_cores(cluster.num_cpus))
 
-        if torch.cuda.is_available():
-            log.warning("a GPU is visible, but worker groups are not placed on GPUs yet (issue 14): running on CPU")
-    devices = cpu_devices(cluster.devices, usable_cores(cluster.num_cpus))
-    log.info("devices: %d, cores %s", len(devices), " | ".join(",".join(map(str, d)) for d in devices))
+
+def device_kind(cluster: ClusterConfig, cluster_gpus: float | None = None) -> str:
+    """"cuda" or "cpu": cluster.device, with auto = cuda when there are GPUs (the Ray cluster's, when it is up and
+    `cluster_gpus` is given; else this machine's)."""
+    if cluster.device != "auto":
+        return cluster.device
+    if cluster_gpus is not None:
+        return "cuda" if cluster_gpus >= 1 else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_devices(cluster: ClusterConfig) -> list[Device]:
+    """The run's devices (cluster.device, cluster.devices) over the Ray cluster's live nodes (Ray must be up);
+    logged. GPU devices are reserved as a placement group of one-GPU bundles, packed onto as few nodes as can
+    hold them (cluster.devices = 0: every GPU of the cluster)."""
+    import ray
+
+    if device_kind(cluster, ray.cluster_resources().get("GPU", 0.0)) == "cuda":
+        devices = gpu_devices(cluster.devices)
+        log.info("devices: %d GPUs; %s", len(devices), " | ".join(f"node {d.node[:8]} bundle {d.gpu}" for d in devices))
+        return devices
+    devices = spread_devices(cluster.devices, ray_nodes())
+    log.info("devices: %d; %s", len(devices), " | ".join(f"node {d.node[:8]} cores {','.join(map(str, d.cores))}"
+                                                         for d in devices))
     return devices
+
+
+def gpu_devices(count: int, timeout_s: float = 60.0) -> list[Device]:
+    """`count` GPUs (0 = all of the cluster's) reserved as a placement group of {"GPU": 1} bundles, strategy PACK;
+    a device per bundle, on the node Ray put it on. Raises ValueError when the cluster has fewer GPUs, or when
+    they are not free within `timeout_s` (held by another job)."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    total = int(ray.cluster_resources().get("GPU", 0))
+    if total == 0:
+        raise ValueError("cluster.device=cuda, but the Ray cluster has no GPU: use cluster.device=cpu (or auto)")
+    count = count or total
+    if count < 1 or count > total:
+        raise ValueError(f"cluster.devices={count} GPUs, but the Ray cluster has {total}: set cluster.devices <= "
+                         f"{total} (0 = all), or cluster.device=cpu")
+    group = placement_group([{"GPU": 1}] * count, strategy="PACK")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise ValueError(f"{count} GPUs could not be reserved within {timeout_s:.0f} s: the cluster's GPUs are held "
+                         f"by other jobs (ray status shows them)")
+    nodes = placement_group_table(group)["bundles_to_node_id"]
+    return [Device((), nodes[i], i, group) for i in range(count)]
+
+
+def release_devices(devices: list[Device]) -> None:
+    """Frees the GPUs run_devices reserved (their placement group); CPU devices hold nothing."""
+    if devices and devices[0].group is not None:
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(devices[0].group)
+
+
+def ray_nodes() -> list[tuple[str, list[int]]]:
+    """(node id, cores offered) of each live Ray node with at least one CPU, the driver's node first, then by id."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = sorted((n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1),
+                   key=lambda n: (n["NodeID"] != here, n["NodeID"]))
+    return [(n["NodeID"], usable_cores(int(n["Resources"]["CPU"])) if n["NodeID"] == here
+             else list(range(int(n["Resources"]["CPU"])))) for n in nodes]
+
+
+def spread_devices(count: int, nodes: list[tuple[str, list[int]]]) -> list[Device]:
+    """`count` devices (0 = one per node) spread over `nodes` [(node id, cores)] in order, as evenly as possible,
+    each node's share cut from its cores by cpu_devices; node by node."""
+    n = len(nodes)
+    count = count or n
+    out = []
+    for i, (node, cores) in enumerate(nodes):
+        share = count * (i + 1) // n - count * i // n
+        if n > 1 and share > len(cores):
+            raise ValueError(f"cluster.devices={count} over {n} nodes puts {share} devices on node {node[:8]}, which "
+                             f"offers only {len(cores)} cores: a CPU device needs at least one core")
+        out += [Device(d, node) for d in cpu_devices(share, cores)] if share else []
+    return out
 
 
 def usable_cores(num_cpus: int | None = None) -> list[int]:
@@ -61,17 +175,23 @@ def cpu_devices(count: int, cores: list[int]) -> list[tuple[int, ...]]:
     return [tuple(cores[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
-def place(ranks: int, devices: list[tuple[int, ...]]) -> list[Placement]:
-    """Each rank's cores and threads for a group of `ranks` collocated over `devices` (see the module doc)."""
+def place(ranks: int, devices: list[Device]) -> list[Placement]:
+    """Each rank's node, cores and threads for a group of `ranks` collocated over `devices` (see the module doc)."""
     n = len(devices)
+    if devices and devices[0].gpu is not None:  # a rank per GPU; more ranks than GPUs share them round robin
+        cpus = max(1, len(usable_cores()) // n)  # host threads of a GPU rank (tokenizer, layouts, sampling)
+        return [Placement((), cpus, d.node, d.gpu, d.group)
+                for d in (devices[r * n // ranks] if ranks <= n else devices[r % n] for r in range(ranks))]
     if ranks <= n:
         out = []
         for r in range(ranks):
-            cores = tuple(c for d in devices[r * n // ranks:(r + 1) * n // ranks] for c in d)
-            out.append(Placement(cores, len(cores)))
+            held = devices[r * n // ranks:(r + 1) * n // ranks]
+            cores = tuple(c for d in held if d.node == held[0].node for c in d.cores)
+            out.append(Placement(cores, len(cores), held[0].node))
         return out
     sharing = [len(range(d, ranks, n)) for d in range(n)]  # ranks on each device
-    return [Placement(devices[r % n], max(1, len(devices[r % n]) // sharing[r % n])) for r in range(ranks)]
+    return [Placement(devices[r % n].cores, max(1, len(devices[r % n].cores) // sharing[r % n]), devices[r % n].node)
+            for r in range(ranks)]
 
 
 def pin(placement: Placement | None, threads: int) -> None:
@@ -79,7 +199,7 @@ def pin(placement: Placement | None, threads: int) -> None:
     without a placement, only `threads`."""
     import torch
 
-    if placement is not None:
+    if placement is not None and placement.cores:
         try:
             os.sched_setaffinity(0, placement.cores)
         except (AttributeError, OSError) as e:  # no affinity on this OS, or cores this machine does not have

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import tempfile
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -18,38 +19,58 @@ from m2flow.training.data_parallel import all_ranks, all_reduce_sum, rank_micro_
 from m2flow.training.forward import batch_logprobs, response_logits, response_token_stats, token_logprobs
 from m2flow.training.packing import micro_batches, use_varlen_attention
 from m2flow.training.token_stats import use_lean_head
+from m2flow.training.weight_sync import MB, buckets, full_weights
 
 
-def init_single_process_group() -> None:
-    """A one-rank gloo process group, so FSDP2 runs the same code path as on many ranks. Its rendezvous is a
-    file store: a TCP store's server would listen on all network interfaces (issue 12)."""
+def init_single_process_group(device_type: str = "cpu") -> None:
+    """A one-rank process group, so FSDP2 runs the same code path as on many ranks. Its rendezvous is a file
+    store: a TCP store's server would listen on all network interfaces (issue 12)."""
     if dist.is_initialized():
         return
     fd, path = tempfile.mkstemp(prefix="m2flow-pg-")
     os.close(fd)
     atexit.register(lambda: os.path.exists(path) and os.unlink(path))
-    init_trainer_group(0, 1, path)
+    init_trainer_group(0, 1, path, device_type)
 
 
-def init_trainer_group(rank: int, world_size: int, store_path: str) -> None:
-    """The trainer's gloo process group of `world_size` ranks, meeting through the file `store_path` (every rank
-    gives the same path; the file must not exist yet or be empty)."""
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+def init_trainer_group(rank: int, world_size: int, store_path: str, device_type: str = "cpu") -> None:
+    """The trainer's process group of `world_size` ranks, meeting through the file `store_path` (every rank gives
+    the same path; the file must not exist yet or be empty): gloo on CPU; on GPUs NCCL for CUDA tensors (FSDP2's
+    collectives) and gloo for CPU ones (metrics, gathered logprobs)."""
+    backend = "gloo" if device_type == "cpu" else "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size)
 
 
-def apply_fsdp(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2: shard each decoder layer, then the root (torchtitan style)."""
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device `model` computes on (that of its first parameter, a DTensor's local one when sharded)."""
+    return next(model.parameters()).device
+
+
+def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2: shard each decoder layer, then the root (torchtitan style), on the model's device type. With
+    `param_dtype` (bfloat16 on GPU): the sharded parameters stay in their own dtype (float32 master weights, as the
+    optimizer sees them) and each layer computes in `param_dtype`, its gradients reduced in float32
+    (MixedPrecisionPolicy)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    init_single_process_group()
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    device_type = device_of(model).type
+    init_single_process_group(device_type)
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     # one rank holds every parameter whole anyway: freeing them after forward only adds an all-gather (a copy)
-    reshard = dist.get_world_size() > 1
+    options = {"mesh": mesh, "reshard_after_forward": dist.get_world_size() > 1}
+    if param_dtype is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
     return model
+
+
+def use_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Each decoder layer keeps only its input for backward and recomputes its activations there
+    (transformers' per-layer checkpointing, non-reentrant, so it composes with FSDP2's per-layer sharding)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -129,7 +150,10 @@ def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, p
 
 
 class Actor:
-    def __init__(self, model, train: TrainConfig, algorithm: AlgorithmConfig, temperature: float = 1.0):
+    def __init__(self, model, train: TrainConfig, algorithm: AlgorithmConfig, temperature: float = 1.0,
+                 param_dtype: torch.dtype | None = None):
+        """`model` on the device it trains on; `param_dtype`: compute in this dtype over float32 master weights
+        (FSDP2 mixed precision, on GPU)."""
         self.train_cfg, self.algo = train, algorithm
         self.temperature = temperature  # token_logprobs treats 0 (greedy) as 1
         self.hf_config = model.config
@@ -139,7 +163,10 @@ class Actor:
         self.lean = train.logits_chunk_tokens > 0
         if self.lean:
             use_lean_head(model, train.logits_chunk_tokens)
-        self.model = apply_fsdp(model) if train.fsdp else model
+        if train.activation_checkpointing:
+            use_activation_checkpointing(model)
+        self.model = apply_fsdp(model, param_dtype) if train.fsdp else model
+        self.device = device_of(self.model)
         self.optimizer, self.scheduler = make_optimizer(self.model, train.lr, train.weight_decay, train.warmup_steps)
         self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)
         self.policy_loss = POLICY_LOSSES.get(algorithm.policy_loss)
@@ -190,7 +217,7 @@ class Actor:
         return count(mb) / max(count(mini), 1.0)
 
     def _micro_batch_loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        algo = self.algo
+        algo, mb = self.algo, mb.to(self.device)
         if self.lean:  # logprobs and entropy chunk by chunk of tokens, never all the logits
             logprobs, entropy = response_token_stats(self.model, mb.input_ids, mb.attention_mask,
                                                      mb.response_mask.shape[1], self.temperature, self.packed,
@@ -225,3 +252,8 @@ class Actor:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return full_state_dict(self.model)
+
+    def weight_buckets(self, bucket_mb: float) -> Iterator[dict[str, torch.Tensor]]:
+        """The full weights as buckets of at most `bucket_mb` MiB (training/weight_sync.py), gathered weight by
+        weight as the buckets are consumed: with several ranks every rank must consume them all, in step."""
+        return buckets(full_weights(self.model), int(bucket_mb * MB))

@@ -1,5 +1,7 @@
 """HF-format checkpoints: safetensors weights + config.json + tokenizer, loadable by plain `transformers`;
-and a trainer's resumable state beside them (trainer_state.pt: optimizer, LR schedule, RNG).
+and a trainer's resumable state beside them (trainer_dcp/: the weights and the optimizer state as each rank's
+shards, through torch.distributed.checkpoint, loadable on any number of ranks; trainer_state.pt: LR schedule,
+RNG).
 
 Writes go to a temporary directory that is renamed into place, so a checkpoint directory is either
 complete or absent: a crash while saving never leaves a half-written checkpoint behind.
@@ -19,6 +21,7 @@ from m2flow.training.data_parallel import world
 
 WEIGHTS = "model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
+SHARDED = "trainer_dcp"  # the trainer's weights and optimizer state, as torch.distributed.checkpoint shards
 
 
 class NonFiniteWeightsError(ValueError):
@@ -84,39 +87,40 @@ def load_weights_into(model: torch.nn.Module, path: str) -> None:
 
 
 def save_trainer_state(path: str, model: torch.nn.Module, optimizer, scheduler, extra: dict) -> None:
-    """`path`/trainer_state.pt: the optimizer state (full, unsharded, on CPU), the LR schedule, this process's
-    torch RNG state and `extra` (plain values), everything an exact resume of the trainer needs besides the
-    weights."""
-    if dist.is_initialized() and _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    """Everything an exact resume of the trainer needs, into directory `path`: the weights and the optimizer state
+    sharded as they are, through torch.distributed.checkpoint (`trainer_dcp/`: every rank writes its own shards,
+    nothing is gathered), and, from rank 0, trainer_state.pt with the LR schedule, the torch RNG state and `extra`
+    (plain values). Called by every rank of the trainer's group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        optim = get_optimizer_state_dict(model, optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        optim = optimizer.state_dict()
-    if world()[0] != 0:  # the gathers above are collective; rank 0 holds the full state and writes it
-        return
-    state = {"optimizer": optim, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-             "extra": extra}
-    torch.save(state, os.path.join(path, TRAINER_STATE))
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(path, SHARDED),
+             no_dist=not dist.is_initialized())
+    if world()[0] == 0:
+        torch.save({"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "extra": extra},
+                   os.path.join(path, TRAINER_STATE))
 
 
 def load_trainer_state(path: str, model: torch.nn.Module, optimizer, scheduler) -> dict:
-    """Restores what save_trainer_state wrote (optimizer, LR schedule, torch RNG); returns its `extra`."""
-    file = os.path.join(path, TRAINER_STATE)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} is missing: {path} holds weights only (a final checkpoint, or one written "
-                                f"before m2flow saved trainer state), so training cannot resume from it exactly")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if dist.is_initialized() and _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    """Restores what save_trainer_state wrote (weights, optimizer, LR schedule, torch RNG); returns its `extra`.
+    The shards are laid out anew for this trainer's ranks, so a run may resume on another number of ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["extra"]
+    file, sharded = os.path.join(path, TRAINER_STATE), os.path.join(path, SHARDED)
+    if not (os.path.isfile(file) and os.path.isdir(sharded)):
+        raise FileNotFoundError(f"{file} or {sharded} is missing: {path} holds weights only (a final checkpoint, or "
+                                f"one written before m2flow saved trainer state), so training cannot resume from it "
+                                f"exactly")
+    model_state, optim_state = get_state_dict(model, optimizer)  # the layout to load into (optimizer initialised)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=sharded, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    saved = torch.load(file, map_location="cpu", weights_only=True)
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["extra"]
 
 
 def save_trainer(path: str, trainer, tokenizer=None) -> None:
@@ -133,7 +137,6 @@ def save_trainer(path: str, trainer, tokenizer=None) -> None:
 
 def load_trainer(path: str, trainer) -> None:
     """Restores what save_trainer wrote into `trainer`: weights, optimizer, LR schedule, RNG, bad-step count."""
-    load_weights_into(trainer.model, path)
     extra = load_trainer_state(path, trainer.model, trainer.optimizer, trainer.scheduler)
     trainer.bad_steps_in_a_row = int(extra["bad_steps_in_a_row"])
 

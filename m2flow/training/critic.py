@@ -1,16 +1,21 @@
 """The critic of PPO (algorithm.advantage=gae): the policy's transformer with a scalar value head, sharded
-with FSDP2 and trained like the actor (same mini-batches, epochs, micro-batches) on the clipped value loss."""
+with FSDP2 and trained like the actor (same mini-batches, epochs, micro-batches) on the clipped value loss. It
+runs on a group of train.ranks ranks of its own (its own process group), data parallel by tokens like the actor
+(training/data_parallel.py)."""
 
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.distributed as dist
 
 from m2flow.algorithms import value_loss
 from m2flow.batch import RolloutBatch
 from m2flow.config import AlgorithmConfig, CriticConfig, TrainConfig
-from m2flow.training.actor import apply_fsdp, full_state_dict, make_optimizer, optimize
+from m2flow.training.actor import (apply_fsdp, device_of, full_state_dict, make_optimizer, optimize,
+                                   use_activation_checkpointing)
+from m2flow.training.data_parallel import rank_micro_batches, world
 from m2flow.training.packing import micro_batches
 from m2flow.training.forward import response_logits
 
@@ -45,9 +50,15 @@ def response_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 class Critic:
-    def __init__(self, model, train: TrainConfig, critic: CriticConfig, algorithm: AlgorithmConfig):
+    def __init__(self, model, train: TrainConfig, critic: CriticConfig, algorithm: AlgorithmConfig,
+                 param_dtype: torch.dtype | None = None):
+        """`model` on the device it trains on; `param_dtype`: compute in this dtype over float32 master weights
+        (FSDP2 mixed precision, on GPU), as the actor."""
         self.train_cfg, self.critic_cfg, self.algo = train, critic, algorithm
-        self.model = apply_fsdp(model) if train.fsdp else model
+        if train.activation_checkpointing:
+            use_activation_checkpointing(model)
+        self.model = apply_fsdp(model, param_dtype) if train.fsdp else model
+        self.device = device_of(self.model)
         self.optimizer, self.scheduler = make_optimizer(self.model, critic.lr, critic.weight_decay,
                                                         critic.warmup_steps)
         self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)
@@ -56,14 +67,24 @@ class Critic:
         return micro_batches(mini, self.train_cfg.micro_batch_size)  # padded rows (the value head is not packed)
 
     def _values(self, mb: RolloutBatch) -> torch.Tensor:
-        return response_values(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1])
+        """`mb` on the model's device: its values there, float32."""
+        return response_values(self.model, mb.input_ids, mb.attention_mask, mb.response_mask.shape[1]).float()
 
     @torch.no_grad()
     def compute_values(self, batch: RolloutBatch) -> torch.Tensor:
-        """Values of the response tokens under the current weights, 0 off the response mask: [B, T]."""
+        """Values of the response tokens under the current weights, 0 off the response mask: [B, T]. On N ranks
+        (a collective: every rank calls it with the same batch) each computes its token-balanced share of the
+        rows, as the update splits them, and the shares are summed: every rank returns all the values."""
         self.model.eval()
-        out = [self._values(mb) for mb in batch.split(self.train_cfg.micro_batch_size)]
-        return torch.cat(out) * batch.response_mask
+        rank, size = world()
+        out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)  # on the host, where the batch is
+        for rows, mb, real in rank_micro_batches(batch, self._micro_batches, rank, size):
+            values = self._values(mb.to(self.device))
+            if real:  # (a dummy pass only keeps FSDP2's collectives paired across ranks)
+                out[rows] = values.to(out.device)
+        if size > 1:
+            dist.all_reduce(out)  # every row was computed by exactly one rank
+        return out * batch.response_mask
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """Regresses the values on `batch.returns` with `value_loss` (clipped around `batch.values`, the
@@ -77,6 +98,7 @@ class Critic:
         return float(mb.response_mask.sum() / mini.response_mask.sum().clamp(min=1))
 
     def _micro_batch_loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        mb = mb.to(self.device)
         values = self._values(mb)
         loss, metrics = value_loss(values, mb.values, mb.returns, mb.response_mask,
                                    clip_range_value=self.algo.value_clip, loss_agg="token-mean")

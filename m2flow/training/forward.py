@@ -77,10 +77,11 @@ def batch_logprobs(model, batch, temperature: float, micro_batch_size: int, max_
     from m2flow.training.token_stats import lean_head
 
     rank, size = world()
-    out = torch.zeros_like(batch.response_mask)
+    out = torch.zeros_like(batch.response_mask)  # on the host, where the batch is
+    device = next(model.parameters()).device
     split = lambda b: micro_batches(b, micro_batch_size, max_tokens, share_prompts)  # noqa: E731
     for rows, mb, real in rank_micro_batches(batch, split, rank, size):
-        T = mb.response_mask.shape[1]
+        mb, T = mb.to(device), mb.response_mask.shape[1]
         if lean_head(model) is not None:
             logprobs = response_token_stats(model, mb.input_ids, mb.attention_mask, T, temperature, max_tokens > 0,
                                             share_prompts)[0]
@@ -88,7 +89,7 @@ def batch_logprobs(model, batch, temperature: float, micro_batch_size: int, max_
             logits = response_logits(model, mb.input_ids, mb.attention_mask, T, max_tokens > 0, share_prompts)
             logprobs = token_logprobs(logits, mb.input_ids[:, mb.prompt_width :], temperature)
         if real:  # (a dummy pass only keeps FSDP2's collectives paired across ranks)
-            out[rows] = logprobs
+            out[rows] = logprobs.to(out.device, out.dtype)
     if size > 1:
         import torch.distributed as dist
 

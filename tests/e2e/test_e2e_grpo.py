@@ -33,6 +33,7 @@ MICRO = [
     "checkpoint.every=1", "checkpoint.keep_last=1", "cluster.num_cpus=2",
     "reward.name=e2e_has_digit", "rollout.sleep_between_steps=true",  # KV cache freed and re-made every step
     "train.max_tokens_per_microbatch=96", "train.logprob_check_every=1",  # packed; the engine's old logprobs checked
+    "train.weight_sync_bucket_mb=0.05",  # the micro model's 106 KiB sent in 3 buckets
 ]
 BENCHMARKS = ["eval.benchmarks=[synthetic_mc]", "eval.k=2", "eval.benchmark_problems=4"]  # m2flow eval's sets too
 
@@ -53,6 +54,8 @@ def test_run_writes_config_metrics_summary(summary):
         rows = [json.loads(line) for line in f]
     steps = [r for r in rows if "actor/pg_loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
+    final = load_file(os.path.join(summary["final_checkpoint"], "model.safetensors"))
+    model_bytes = sum(t.numel() * t.element_size() for k, t in final.items() if k != "lm_head.weight")
     for r in steps:
         for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "reward/mean", "time/rollout",
                     "time/update", "response/length_mean"):
@@ -62,6 +65,10 @@ def test_run_writes_config_metrics_summary(summary):
         # the engine's account: 4 samples per prompt compute it about once; the KV cache is big enough
         assert 0.2 <= r["rollout/prefill_compute_frac"] <= 0.5 and r["rollout/preemptions"] == 0
         assert 1 <= r["rollout/decode_batch_mean"] <= 16 and 1 <= r["rollout/decode_steps"] <= 15
+        # weights synced after step k are version k: every step samples with the last step's weights
+        assert r["rollout/policy_version"] == r["step"] - 1 and r["rollout/staleness"] == 0
+        assert r["weight_sync/buckets"] == 3 and r["weight_sync/gb_per_s"] > 0 and r["time/weight_sync"] > 0
+        assert r["weight_sync/gb"] * 2**30 == model_bytes  # every weight once (the tied head is the embedding)
     assert any(0 < r["batch/informative_frac"] for r in steps)
     assert 0.0 <= summary["held_out_accuracy_before"] <= 1.0
     assert summary["held_out_problems"] == 16

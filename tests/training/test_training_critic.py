@@ -111,6 +111,16 @@ def test_gradient_accumulation_matches_one_micro_batch(policy_dir, batch):
     assert max((states[0][k] - states[1][k]).abs().max().item() for k in states[0]) < 1e-6
 
 
+def test_activation_checkpointing_gives_the_same_update(policy_dir, batch):
+    states = []
+    for checkpointing in (False, True):
+        critic = _critic(load_value_model(policy_dir[0]), micro_batch_size=2, activation_checkpointing=checkpointing)
+        assert critic.model.is_activation_checkpointing == checkpointing
+        critic.update(_with_targets(critic, batch))
+        states.append(critic.state_dict())
+    assert max((states[0][k] - states[1][k]).abs().max().item() for k in states[0]) < 1e-6
+
+
 def test_fsdp_critic_matches_plain(policy_dir, batch):
     created = not dist.is_initialized()
     try:

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from m2flow.training.checkpoint import TRAINER_STATE, WEIGHTS, load_trainer, save_trainer
+from m2flow.training.checkpoint import SHARDED, TRAINER_STATE, WEIGHTS, load_trainer, save_trainer
 
 from test_training_actor import _actor, _prepared, rollout  # noqa: F401 (the module-scoped batch fixture)
 
@@ -30,7 +30,7 @@ def test_resumed_trainer_continues_bit_identically(tmp_path, base_model, rollout
     straight = _actor(copy.deepcopy(base_model), **options)
     straight.update(_prepared(straight, rollout))
     save_trainer(str(tmp_path), straight, tokenizer)
-    assert {WEIGHTS, TRAINER_STATE, "config.json"} <= set(os.listdir(tmp_path))
+    assert {WEIGHTS, TRAINER_STATE, SHARDED, "config.json"} <= set(os.listdir(tmp_path))
     after_one = _weights(straight)
 
     resumed = _actor(copy.deepcopy(base_model), **options)  # a fresh trainer from the starting weights
@@ -77,5 +77,5 @@ def test_weights_only_checkpoint_cannot_resume(tmp_path, base_model, tokenizer):
 
     actor = _actor(copy.deepcopy(base_model))
     save_hf_checkpoint(str(tmp_path / "final"), actor.hf_config, actor.state_dict(), tokenizer)
-    with pytest.raises(FileNotFoundError, match="trainer_state.pt is missing.*weights only"):
+    with pytest.raises(FileNotFoundError, match="trainer_state.pt or .*trainer_dcp is missing.*weights only"):
         load_trainer(str(tmp_path / "final"), actor)
