@@ -188,7 +188,11 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     sampling = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                               top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
 
-    generate = lambda ps, sp: generate_on_replicas(rollout, ps, sp)  # noqa: E731
+    def generate(prompts: list[str], params: SamplingParams):
+        """Samples from the engine replicas, the prompts split by expected work (tokens) when there are several."""
+        tokens = [len(ids) for ids in tokenizer(prompts).input_ids] if len(rollout) > 1 else None
+        return generate_on_replicas(rollout, prompts, params, tokens)
+
     protocol = Protocol(k=cfg.eval.k, temperature=cfg.eval.temperature,
                         top_p=cfg.eval.top_p if cfg.eval.temperature > 0 else 1.0,
                         max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed, template=cfg.data.template,

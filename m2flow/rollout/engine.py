@@ -3,7 +3,7 @@
     engine = Engine.from_pretrained("path/to/hf_model")
     samples = engine.generate(prompts, SamplingParams(n=8, temperature=1.0, max_new_tokens=512, seed=0))
 
-One ``generate`` call runs to completion: its sequences are added to the scheduler, and ``step()`` runs
+One ``generate`` call runs to completion: its sequences are added to the batcher, and ``step()`` runs
 until all have finished. The n samples of a prompt share the prompt's full KV blocks.
 """
 
@@ -22,7 +22,7 @@ from safetensors import safe_open
 from m2flow.rollout.block_manager import BlockManager
 from m2flow.rollout.model import PACKED, CausalLM, ModelArgs, shard_sizes
 from m2flow.rollout.model_runner import ModelRunner, kv_bytes_per_token
-from m2flow.rollout.scheduler import Scheduler
+from m2flow.rollout.batcher import Batcher
 from m2flow.rollout.sequence import SeqParams, Sequence, Status
 from m2flow.rollout.types import GenerateStats, Sample, SamplingParams
 
@@ -152,7 +152,7 @@ class Engine:
         self.max_model_len = c.max_model_len or model.args.max_position_embeddings
         self.num_blocks = self._num_blocks()
         self.block_manager = BlockManager(self.num_blocks, c.block_size, c.prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens)
+        self.batcher = Batcher(self.block_manager, c.max_num_seqs, c.max_num_batched_tokens)
         cuda = next(model.parameters()).device.type == "cuda"
         graphs = cuda and c.cuda_graphs
         if c.kernels == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -216,7 +216,7 @@ class Engine:
     def sleep(self, offload_weights: bool = False) -> None:
         """Frees the KV cache (and moves the weights to CPU with `offload_weights`) so training can use
         the device; `wake()` restores both. Cached prefixes are forgotten."""
-        if not self.scheduler.is_finished():
+        if not self.batcher.is_finished():
             raise RuntimeError("cannot sleep while sequences are being generated")
         self.runner.free_kv()
         self.block_manager.reset_prefix_cache()
@@ -260,26 +260,26 @@ class Engine:
                 seqs.append(Sequence(self._next_id, list(ids), len(ids), seq_params, prompt_index=i))
                 self._next_id += 1
         for seq in seqs:  # all checked before any is queued: a refused call leaves the engine as it was
-            self.scheduler.check_fits(seq, min(len(seq) + params.max_new_tokens, self.max_model_len))
+            self.batcher.check_fits(seq, min(len(seq) + params.max_new_tokens, self.max_model_len))
         for seq in seqs:
-            self.scheduler.add(seq)
+            self.batcher.add(seq)
         start = time.perf_counter()
         self.stats = GenerateStats(prompt_tokens=sum(len(s) for s in seqs))
-        preemptions = self.scheduler.num_preemptions
+        preemptions = self.batcher.num_preemptions
         try:
-            while not self.scheduler.is_finished():
+            while not self.batcher.is_finished():
                 self.step()
         except BaseException:
-            self.scheduler.abort_all()  # e.g. KeyboardInterrupt: the next call starts clean
+            self.batcher.abort_all()  # e.g. KeyboardInterrupt: the next call starts clean
             raise
-        self.stats.preemptions = self.scheduler.num_preemptions - preemptions
+        self.stats.preemptions = self.batcher.num_preemptions - preemptions
         self.stats.seconds = time.perf_counter() - start
         return [self._to_sample(s) for s in seqs]
 
     def step(self) -> None:
-        seqs, is_prefill = self.scheduler.schedule()
+        seqs, is_prefill = self.batcher.schedule()
         if not seqs:
-            raise RuntimeError("the scheduler made no progress: the KV cache is too small for one sequence")
+            raise RuntimeError("the batcher made no progress: the KV cache is too small for one sequence")
         if is_prefill:
             computed = [s for s in seqs if s.fork_of is None]
             self.stats.prefill_steps += 1
@@ -295,7 +295,7 @@ class Engine:
             seq.logprobs.append(logprob)
             reason = self._finish_reason(seq, token)
             if reason:
-                self.scheduler.finish(seq, reason)
+                self.batcher.finish(seq, reason)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str:
         p = seq.params

@@ -37,7 +37,7 @@ class Sequence:
     num_cached_tokens: int = 0  # leading tokens whose KV is already in the cache (prefix hits)
     num_computed_tokens: int = 0  # leading tokens whose KV this sequence has written or reused
     # in a prefill step: a sequence of the same step with the same tokens whose KV and next-token logits this
-    # one copies instead of computing them (set by the scheduler; None when it computes its own)
+    # one copies instead of computing them (set by the batcher; None when it computes its own)
     fork_of: Sequence | None = None
     logprobs: list[float] = field(default_factory=list)  # of each generated token
     finish_reason: str = ""

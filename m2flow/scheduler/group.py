@@ -47,28 +47,36 @@ class WorkerGroup:
 
 
 def split_by_work(weights: list[float], parts: int) -> list[range]:
-    """Contiguous ranges covering the items in order, min(parts, items) of them, none empty, each of about equal
-    total weight."""
+    """Contiguous ranges covering the items in order, min(parts, items) of them, none empty, of about equal total
+    weight: the k-th cut goes before the first item that lies mostly past k/parts of the total."""
     n = len(weights)
     parts, total = min(parts, n), float(sum(weights))
     bounds, acc, k = [0], 0.0, 1
     for i, w in enumerate(weights):
-        acc += w
-        left = n - (i + 1)  # items after this one; every part still to open needs one
-        if k < parts and left >= parts - k and (acc >= total * k / parts or left == parts - k):
-            bounds.append(i + 1)
+        left = n - i  # items from this one on; every part still to open needs one
+        if k < parts and i > bounds[-1] and left >= parts - k and (acc + w / 2 > total * k / parts
+                                                                   or left == parts - k):
+            bounds.append(i)
             k += 1
+        acc += w
     if n:
         bounds.append(n)
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def generate_on_replicas(group: WorkerGroup, prompts: list[str], params):
-    """Samples for `prompts` from a rollout group of engine replicas: the prompts split into contiguous equal
-    shares (every prompt gets params.n samples of up to params.max_new_tokens), each replica seeding its samples
-    by their global prompt index, so the samples are the same for any number of replicas; returned prompt-major
-    with global prompt indices."""
-    shares = split_by_work([1.0] * len(prompts), len(group))
+def expected_work(prompt_tokens: list[int], params) -> list[float]:
+    """Each prompt's expected generation work in tokens: its prompt, computed once (its samples share it), and
+    params.n samples of at most params.max_new_tokens each."""
+    return [float(t + params.n * params.max_new_tokens) for t in prompt_tokens]
+
+
+def generate_on_replicas(group: WorkerGroup, prompts: list[str], params, prompt_tokens: list[int] | None = None):
+    """Samples for `prompts` from a rollout group of engine replicas: the prompts split into contiguous shares of
+    about equal expected work (`prompt_tokens`: each prompt's token count; without them equal shares), each
+    replica seeding its samples by their global prompt index, so the samples are the same for any number of
+    replicas and any split; returned prompt-major with global prompt indices."""
+    work = expected_work(prompt_tokens, params) if prompt_tokens is not None else [1.0] * len(prompts)
+    shares = split_by_work(work, len(group))
     parts = ray.get([group.ranks[r].generate.remote(prompts[share.start: share.stop], params, first_index=share.start)
                      for r, share in enumerate(shares)])
     samples = []

@@ -87,15 +87,15 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmu
     """AdamW and a linear-warmup-then-constant learning-rate schedule (the actor's and the critic's)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
     warmup = max(warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    return optimizer, scheduler
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    return optimizer, lr_schedule
 
 
 def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, prefix: str) -> dict[str, float]:
     """The update loop shared by the actor and the critic: `cfg.epochs` passes over `batch` in a seeded random
     order, `cfg.mini_batches` optimizer steps per pass, each accumulated over micro-batches of
     `cfg.micro_batch_size` whose losses are weighted by `trainer._share(mb, mini)`. `trainer` has `model`,
-    `optimizer`, `scheduler`, `bad_steps_in_a_row`, `_micro_batches(mini)`, `_micro_batch_loss(mb) -> (loss, metrics)`
+    `optimizer`, `lr_schedule`, `bad_steps_in_a_row`, `_micro_batches(mini)`, `_micro_batch_loss(mb) -> (loss, metrics)`
     and `_share`. Returns the metrics
     averaged over optimizer steps, as `<prefix>/<name>`, plus `<prefix>/grad_norm` and `<prefix>/lr`.
 
@@ -134,7 +134,7 @@ def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, p
                 grad_norm = grad_norm.full_tensor()
             if finite and bool(torch.isfinite(grad_norm)):
                 trainer.optimizer.step()
-                trainer.scheduler.step()
+                trainer.lr_schedule.step()
                 trainer.bad_steps_in_a_row = 0
             else:  # the weights stay those of the last good step
                 trainer.optimizer.zero_grad(set_to_none=True)
@@ -143,7 +143,7 @@ def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, p
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
             n_updates += 1
     out = {f"{prefix}/{k}": v / n_updates for k, v in sums.items()}
-    out[f"{prefix}/lr"] = trainer.scheduler.get_last_lr()[0]
+    out[f"{prefix}/lr"] = trainer.lr_schedule.get_last_lr()[0]
     out[f"{prefix}/skipped_steps"] = float(skipped)
     out[f"{prefix}/bad_steps_in_a_row"] = float(trainer.bad_steps_in_a_row)
     return out
@@ -167,7 +167,7 @@ class Actor:
             use_activation_checkpointing(model)
         self.model = apply_fsdp(model, param_dtype) if train.fsdp else model
         self.device = device_of(self.model)
-        self.optimizer, self.scheduler = make_optimizer(self.model, train.lr, train.weight_decay, train.warmup_steps)
+        self.optimizer, self.lr_schedule = make_optimizer(self.model, train.lr, train.weight_decay, train.warmup_steps)
         self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)
         self.policy_loss = POLICY_LOSSES.get(algorithm.policy_loss)
         # the KL loss term; with algorithm.kl_in_reward the runner puts the KL into the rewards instead

@@ -86,7 +86,7 @@ def load_weights_into(model: torch.nn.Module, path: str) -> None:
         model.load_state_dict(tensors)
 
 
-def save_trainer_state(path: str, model: torch.nn.Module, optimizer, scheduler, extra: dict) -> None:
+def save_trainer_state(path: str, model: torch.nn.Module, optimizer, lr_schedule, extra: dict) -> None:
     """Everything an exact resume of the trainer needs, into directory `path`: the weights and the optimizer state
     sharded as they are, through torch.distributed.checkpoint (`trainer_dcp/`: every rank writes its own shards,
     nothing is gathered), and, from rank 0, trainer_state.pt with the LR schedule, the torch RNG state and `extra`
@@ -98,11 +98,11 @@ def save_trainer_state(path: str, model: torch.nn.Module, optimizer, scheduler, 
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(path, SHARDED),
              no_dist=not dist.is_initialized())
     if world()[0] == 0:
-        torch.save({"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "extra": extra},
+        torch.save({"lr_schedule": lr_schedule.state_dict(), "torch_rng": torch.get_rng_state(), "extra": extra},
                    os.path.join(path, TRAINER_STATE))
 
 
-def load_trainer_state(path: str, model: torch.nn.Module, optimizer, scheduler) -> dict:
+def load_trainer_state(path: str, model: torch.nn.Module, optimizer, lr_schedule) -> dict:
     """Restores what save_trainer_state wrote (weights, optimizer, LR schedule, torch RNG); returns its `extra`.
     The shards are laid out anew for this trainer's ranks, so a run may resume on another number of ranks."""
     import torch.distributed.checkpoint as dcp
@@ -118,26 +118,26 @@ def load_trainer_state(path: str, model: torch.nn.Module, optimizer, scheduler) 
     dcp.load(state, checkpoint_id=sharded, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     saved = torch.load(file, map_location="cpu", weights_only=True)
-    scheduler.load_state_dict(saved["scheduler"])
+    lr_schedule.load_state_dict(saved["lr_schedule"])
     torch.set_rng_state(saved["torch_rng"])
     return saved["extra"]
 
 
 def save_trainer(path: str, trainer, tokenizer=None) -> None:
-    """A trainer's (the actor's or the critic's: `model`, `optimizer`, `scheduler`, `bad_steps_in_a_row`)
+    """A trainer's (the actor's or the critic's: `model`, `optimizer`, `lr_schedule`, `bad_steps_in_a_row`)
     resumable state into directory `path`: its weights as an HF checkpoint (with `tokenizer`) and
     trainer_state.pt. Refuses non-finite weights."""
     weights = full_state_dict(trainer.model)  # collective on N ranks: rank 0 gets the weights
     if world()[0] == 0:
         check_finite(path, weights)
         write_hf_files(path, trainer.model.config, weights, tokenizer)
-    save_trainer_state(path, trainer.model, trainer.optimizer, trainer.scheduler,
+    save_trainer_state(path, trainer.model, trainer.optimizer, trainer.lr_schedule,
                        {"bad_steps_in_a_row": trainer.bad_steps_in_a_row})
 
 
 def load_trainer(path: str, trainer) -> None:
     """Restores what save_trainer wrote into `trainer`: weights, optimizer, LR schedule, RNG, bad-step count."""
-    extra = load_trainer_state(path, trainer.model, trainer.optimizer, trainer.scheduler)
+    extra = load_trainer_state(path, trainer.model, trainer.optimizer, trainer.lr_schedule)
     trainer.bad_steps_in_a_row = int(extra["bad_steps_in_a_row"])
 
 

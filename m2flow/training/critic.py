@@ -59,7 +59,7 @@ class Critic:
             use_activation_checkpointing(model)
         self.model = apply_fsdp(model, param_dtype) if train.fsdp else model
         self.device = device_of(self.model)
-        self.optimizer, self.scheduler = make_optimizer(self.model, critic.lr, critic.weight_decay,
+        self.optimizer, self.lr_schedule = make_optimizer(self.model, critic.lr, critic.weight_decay,
                                                         critic.warmup_steps)
         self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)
 

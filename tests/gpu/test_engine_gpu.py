@@ -90,7 +90,7 @@ def test_graphs_match_eager_with_preemption(model_dir, prompts):
     graphs = make_engine(model_dir).generate(prompts[:10], params)
     tiny = make_engine(model_dir, block_size=4, kv_cache_gb=40 * 4 * 256 / 2**30)  # 40 blocks: preemption
     squeezed = tiny.generate(prompts[:10], params)
-    assert tiny.scheduler.num_preemptions > 0
+    assert tiny.batcher.num_preemptions > 0
     for out in (graphs, squeezed):
         assert _tokens(out) == _tokens(eager)
         for a, b in zip(out, eager):

@@ -115,7 +115,7 @@ def test_results_do_not_depend_on_batching_prefix_sharing_or_preemption(model_di
     tiny = make_engine(model_dir, block_size=4, kv_cache_gb=40 * 4 * 256 / 2**30)  # 256 B of KV per token
     assert tiny.num_blocks == 40
     out = tiny.generate(prompts[:10], params)
-    assert tiny.stats.preemptions == tiny.scheduler.num_preemptions > 0
+    assert tiny.stats.preemptions == tiny.batcher.num_preemptions > 0
     assert _tokens(out) == _tokens(reference)
     for a, b in zip(out, reference):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
@@ -147,13 +147,13 @@ def test_n_samples_share_the_prompt_blocks(model_dir, prompts, tokenizer):
     assert engine.block_manager.num_free == before  # everything freed after a call
     # while 8 samples of one prompt run, the prompt's full blocks are held once, not 8 times
     seqs = []
-    original_finish = engine.scheduler.finish
+    original_finish = engine.batcher.finish
 
     def spy(seq, reason):
         seqs.append(list(seq.block_table))
         original_finish(seq, reason)
 
-    engine.scheduler.finish = spy
+    engine.batcher.finish = spy
     engine.generate([prompts[0]], SamplingParams(n=8, temperature=1.0, max_new_tokens=3, seed=0, ignore_eos=True))
     shared = len(ids) // 4  # the prompt's full blocks
     assert shared >= 2 and len(ids) % 4
@@ -289,7 +289,7 @@ def test_refused_or_interrupted_calls_leave_the_engine_clean(model_dir, prompts,
     expected = engine.generate(prompts[:3], params)
     with pytest.raises(ValueError, match="needs 4[0-9] KV blocks but the cache has only 40"):
         engine.generate(prompts[:3], SamplingParams(max_new_tokens=150))  # could outgrow the whole cache
-    assert engine.scheduler.is_finished() and engine.block_manager.num_free == 40
+    assert engine.batcher.is_finished() and engine.block_manager.num_free == 40
 
     calls = {"n": 0}
     run = engine.runner.run
@@ -304,7 +304,7 @@ def test_refused_or_interrupted_calls_leave_the_engine_clean(model_dir, prompts,
     with pytest.raises(KeyboardInterrupt):
         engine.generate(prompts[3:6], params)  # new prompts: their blocks are registered in this call
     engine.runner.run = run
-    assert engine.scheduler.is_finished() and engine.block_manager.num_free == 40
+    assert engine.batcher.is_finished() and engine.block_manager.num_free == 40
     fresh = make_engine(model_dir, block_size=4, kv_cache_gb=40 * 4 * 256 / 2**30)
     assert _tokens(engine.generate(prompts[3:6], params)) == _tokens(fresh.generate(prompts[3:6], params))
     assert _tokens(engine.generate(prompts[:3], params)) == _tokens(expected)

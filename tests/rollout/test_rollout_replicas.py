@@ -8,7 +8,7 @@ import ray
 
 from m2flow.config import ConfigError, load_config
 from m2flow.rollout import Engine, SamplingParams
-from m2flow.scheduler.group import WorkerGroup, generate_on_replicas, split_by_work
+from m2flow.scheduler.group import WorkerGroup, expected_work, generate_on_replicas, split_by_work
 
 PARAMS = SamplingParams(n=3, temperature=1.0, max_new_tokens=16, seed=7)
 
@@ -41,6 +41,10 @@ def test_split_by_work():
     assert split_by_work([1, 1], 3) == [range(0, 1), range(1, 2)]  # fewer items than replicas
     assert split_by_work([5, 0, 0], 3) == [range(0, 1), range(1, 2), range(2, 3)]  # every replica gets one
     assert split_by_work([], 2) == []
+    # a prompt's expected work: its tokens once, n samples of up to max_new_tokens
+    work = expected_work([100, 10, 10, 10], SamplingParams(n=2, max_new_tokens=20))
+    assert work == [140.0, 50.0, 50.0, 50.0]
+    assert split_by_work(work, 2) == [range(0, 1), range(1, 4)]  # the long prompt's replica takes nothing else
 
 
 def test_two_replicas_equal_one(tmp_path, make_micro_model, tokenizer, chat_prompts):
@@ -58,6 +62,8 @@ def test_two_replicas_equal_one(tmp_path, make_micro_model, tokenizer, chat_prom
     try:
         one, two = (generate_on_replicas(g, prompts, PARAMS) for g in groups)
         assert len(two) == 15 and _same(one, two)
+        by_work = generate_on_replicas(groups[1], prompts, PARAMS, prompt_tokens=[500, 1, 1, 1, 1])  # split 1 | 4
+        assert _same(one, by_work)  # the samples do not depend on the split
         stats = groups[1].call("stats")
         assert len(stats) == 2 and all(s.prompt_tokens > 0 for s in stats)  # both replicas worked
     finally:

@@ -16,7 +16,7 @@ from m2flow.rollout.block_manager import BlockManager
 from m2flow.rollout.sequence import Sequence, Status
 
 
-class Scheduler:
+class Batcher:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
