@@ -69,24 +69,40 @@ class DataConfig:
     bad_rows: str = "error"  # rows with no/empty question or answer or invalid JSON, and prompts whose tokens + max_new_tokens exceed the model's max_position_embeddings: error (stop at start-up naming file:line) | skip (drop them; counted in summary.json and metrics as data/*_skipped)
 
 
+KERNELS = ("auto", "triton", "torch")  # EngineConfig.kernels values
+
+
+@dataclass
+class EngineConfig:
+    """m2flow's engine: its batch and KV cache budgets and which kernels it runs (a run's `rollout.engine`)."""
+
+    max_num_seqs: int = 512  # sequences decoded together (the most sequences in one decode step)
+    max_num_batched_tokens: int = 16384  # prompt tokens computed in one prefill step
+    max_model_len: int = 0  # prompt + response cap; 0 = the model's max_position_embeddings
+    block_size: int = 16  # tokens per KV cache block
+    kv_cache_gb: float = 0.0  # KV cache budget in GiB; 0 = auto (kv_cache_fraction of free GPU memory, 1 GiB on CPU)
+    kv_cache_fraction: float = 0.3  # share of free GPU memory for the KV cache when kv_cache_gb is 0
+    prefix_caching: bool = True  # share KV blocks between sequences with the same prefix: a prompt's n samples compute it once
+    cuda_graphs: bool = True  # on a GPU, replay decode steps as CUDA graphs captured per batch-size bucket (false: eager, for debugging)
+    kernels: str = "auto"  # triton (decode attention by the paged kernel, blocks read in place; fused sampling) | torch (blocks gathered, then matmuls) | auto (triton on a GPU, torch on CPU, where Triton only runs in its slow interpreter)
+    compile: bool = False  # torch.compile the eager decode step (kernels=torch without CUDA graphs: CPU, or a GPU with both off): on CPU 2-4x faster steps after ~30 s of compilation (~5 s with inductor's disk cache warm); pays for long runs
+
+    def __post_init__(self):
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels (rollout.engine.kernels) must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+
+
 @dataclass
 class RolloutConfig:
     backend: str = "m2flow"  # generation engine: m2flow (paged KV cache, continuous batching) | hf (transformers generate, the reference)
     n: int = 8  # samples per prompt (the GRPO group)
-    replicas: int = 1  # engine replicas (data-parallel, m2flow backend): prompts split in equal contiguous shares, samples identical for any count
+    replicas: int = 1  # engine replicas (data-parallel, m2flow backend): prompts split into contiguous shares of about equal expected work (tokens), samples identical for any count
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling threshold (1.0 = off)
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 48  # response length cap
-    batch_size: int = 512  # sequences generated together (m2flow: most sequences decoding at once)
-    block_size: int = 16  # m2flow: tokens per KV cache block
-    kv_cache_gb: float = 0.0  # m2flow: KV cache budget in GiB; 0 = auto (kv_cache_fraction of free GPU memory, 1 GiB on CPU)
-    kv_cache_fraction: float = 0.3  # m2flow: share of free GPU memory for the KV cache when kv_cache_gb is 0
-    prefix_caching: bool = True  # m2flow: a prompt's samples compute it once and share its KV (so do repeated prefixes)
-    max_num_batched_tokens: int = 16384  # m2flow: prompt tokens computed in one prefill step
     sleep_between_steps: bool = False  # m2flow: free the KV cache after each generation (collocated: memory for training)
-    cuda_graphs: bool = True  # m2flow on a GPU: replay decode steps as CUDA graphs (false: eager, for debugging)
-    compile: bool = False  # m2flow on CPU: torch.compile the decode step (2-4x faster steps after ~30 s of compilation, ~5 s with inductor's disk cache warm; pays for long runs)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # m2flow's engine (the hf backend takes engine.max_num_seqs as its batch size)
 
 
 @dataclass
@@ -229,6 +245,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         out = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:  # e.g. an interpolation that does not resolve
         raise ConfigError(f"cannot resolve config key '{e.full_key}': {_reason(e)}") from e
+    except ValueError as e:  # a section's own check (EngineConfig: rollout.engine.kernels)
+        raise ConfigError(f"invalid config: {e}") from e
     validate(out)
     return out
 
@@ -248,13 +266,15 @@ def validate(cfg: Config) -> None:
     check(0 <= r.top_p <= 1, f"rollout.top_p must be in [0, 1], got {r.top_p}")
     check(not r.sleep_between_steps or r.backend == "m2flow",
           f"rollout.sleep_between_steps needs rollout.backend=m2flow, got {r.backend!r}")
-    check(r.kv_cache_gb >= 0, f"rollout.kv_cache_gb must be >= 0 (0 = auto), got {r.kv_cache_gb}")
-    check(0 < r.kv_cache_fraction <= 1, f"rollout.kv_cache_fraction must be in (0, 1], got {r.kv_cache_fraction}")
+    e = r.engine
+    check(e.kv_cache_gb >= 0, f"rollout.engine.kv_cache_gb must be >= 0 (0 = auto), got {e.kv_cache_gb}")
+    check(0 < e.kv_cache_fraction <= 1, f"rollout.engine.kv_cache_fraction must be in (0, 1], got {e.kv_cache_fraction}")
+    check(e.max_model_len >= 0, f"rollout.engine.max_model_len must be >= 0 (0 = the model's), got {e.max_model_len}")
     positive = {"train.steps": t.steps, "train.prompts_per_step": t.prompts_per_step,
                 "train.micro_batch_size": t.micro_batch_size, "rollout.max_new_tokens": r.max_new_tokens,
                 "eval.max_new_tokens": cfg.eval.max_new_tokens, "train.mini_batches": t.mini_batches,
-                "train.epochs": t.epochs, "rollout.batch_size": r.batch_size,
-                "rollout.block_size": r.block_size, "rollout.max_num_batched_tokens": r.max_num_batched_tokens}
+                "train.epochs": t.epochs, "rollout.engine.max_num_seqs": e.max_num_seqs,
+                "rollout.engine.block_size": e.block_size, "rollout.engine.max_num_batched_tokens": e.max_num_batched_tokens}
     for key, value in positive.items():
         check(value > 0, f"{key} must be positive, got {value}")
     for name in ("clip_ratio_low", "clip_ratio_high"):
@@ -537,7 +557,8 @@ def options_markdown() -> str:
                 continue
             type_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"| `{prefix}{f.name}` | {type_name} | `{default!r}` | {docs.get(f.name, '')} |")
+            doc = docs.get(f.name, "").replace("|", "\\|")  # a table cell: its pipes escaped
+            lines.append(f"| `{prefix}{f.name}` | {type_name} | `{default!r}` | {doc} |")
 
     walk(Config, "")
     return "\n".join(lines) + "\n"

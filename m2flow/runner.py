@@ -56,7 +56,7 @@ from m2flow.rollout import SamplingParams
 from m2flow.scheduler.cluster import start_ray, stop_ray
 from m2flow.scheduler.devices import Device, check_devices, place, release_devices, run_devices
 from m2flow.scheduler.group import WorkerGroup, generate_on_replicas
-from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker
+from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker, Start
 from m2flow.stages import (
     Round,
     batch_metrics,
@@ -156,23 +156,25 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     """The RL loop (from step 1, or from the step after `checkpoint`, a periodic checkpoint of this run), its
     worker groups collocated over `devices`."""
     replicas = cfg.rollout.replicas  # engine replicas, data-parallel
-    rollout = WorkerGroup(RolloutWorker, replicas, model_path, cfg, name=f"rollout-{os.getpid()}",
+    start = Start.of(model_path, cfg)  # what every worker starts from
+    rollout = WorkerGroup(RolloutWorker, replicas, start, cfg.rollout, name=f"rollout-{os.getpid()}",
                           placements=place(replicas, devices))
     ranks = cfg.train.ranks  # each trainer group: FSDP2 over a gloo group of this many ranks, data parallel
 
-    def trainer_group(cls, role: str, rendezvous: str) -> WorkerGroup:
-        """`ranks` ranks of `cls`, rank r placed on the devices of the actor's rank r, forming a process group of
-        their own through the file store run_dir/`rendezvous` (no port; a killed run's is stale)."""
+    def trainer_group(cls, role: str, rendezvous: str, *args) -> WorkerGroup:
+        """`ranks` ranks of `cls(start, *args)`, rank r placed on the devices of the actor's rank r, forming a
+        process group of their own through the file store run_dir/`rendezvous` (no port; a killed run's is stale)."""
         store = os.path.join(run_dir, rendezvous)
         if os.path.exists(store):
             os.unlink(store)
-        return WorkerGroup(cls, ranks, model_path, cfg, name=f"{role}-{os.getpid()}", placements=place(ranks, devices),
+        return WorkerGroup(cls, ranks, start, *args, name=f"{role}-{os.getpid()}", placements=place(ranks, devices),
                            rank_kwargs=lambda r: {"rank": r, "world_size": ranks, "store": store})
 
-    actor = trainer_group(ActorWorker, "actor", ".trainer-rendezvous")
-    reference = (trainer_group(ReferenceWorker, "reference", ".reference-rendezvous")
+    temperature = cfg.rollout.temperature  # the trainers' logprobs are those of the distribution sampled
+    actor = trainer_group(ActorWorker, "actor", ".trainer-rendezvous", cfg.train, cfg.algorithm, temperature)
+    reference = (trainer_group(ReferenceWorker, "reference", ".reference-rendezvous", cfg.train, temperature)
                  if cfg.algorithm.kl_coef > 0 else None)
-    critic = (trainer_group(CriticWorker, "critic", ".critic-rendezvous")
+    critic = (trainer_group(CriticWorker, "critic", ".critic-rendezvous", cfg.train, cfg.critic, cfg.algorithm)
               if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None)
     if workers is not None:
         workers.extend([*rollout.ranks, *(r for g in (actor, reference, critic) if g is not None for r in g.ranks)])
@@ -196,7 +198,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     protocol = Protocol(k=cfg.eval.k, temperature=cfg.eval.temperature,
                         top_p=cfg.eval.top_p if cfg.eval.temperature > 0 else 1.0,
                         max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed, template=cfg.data.template,
-                        batch_size=cfg.rollout.batch_size)
+                        batch_size=cfg.rollout.engine.max_num_seqs)
 
     def held_out_eval() -> EvalResult:
         with stage({}, "eval"):

@@ -39,7 +39,7 @@ def demo_workload(cfg: Config, model_path: str, prompts: list[str], answers: lis
     from m2flow.rewards import math_reward
     from m2flow.rollout import Engine, EngineConfig, SamplingParams
 
-    engine = Engine.from_pretrained(model_path, EngineConfig(max_num_seqs=cfg.rollout.batch_size), dtype=cfg.model.dtype)
+    engine = Engine.from_pretrained(model_path, EngineConfig(max_num_seqs=cfg.rollout.engine.max_num_seqs), dtype=cfg.model.dtype)
     r = cfg.rollout
     params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                             max_new_tokens=r.max_new_tokens, seed=cfg.seed)
@@ -125,7 +125,7 @@ def time_devices(cfg: Config, model_path: str, batch: RolloutBatch, counts: list
     from m2flow.scheduler.cluster import start_ray, stop_ray
     from m2flow.scheduler.devices import place, run_devices
     from m2flow.scheduler.group import WorkerGroup
-    from m2flow.scheduler.workers import ActorWorker
+    from m2flow.scheduler.workers import ActorWorker, Start
 
     started = not ray.is_initialized()
     start_ray(cfg.cluster)
@@ -137,7 +137,8 @@ def time_devices(cfg: Config, model_path: str, batch: RolloutBatch, counts: list
                                           train=dataclasses.replace(cfg.train, ranks=d))
             devices = run_devices(run_cfg.cluster)
             store = os.path.join(tempfile.mkdtemp(prefix="m2flow-bench-"), "rendezvous")
-            group = WorkerGroup(ActorWorker, d, model_path, run_cfg, name=f"bench-train-{d}-{os.getpid()}",
+            group = WorkerGroup(ActorWorker, d, Start.of(model_path, run_cfg), run_cfg.train, run_cfg.algorithm,
+                                run_cfg.rollout.temperature, name=f"bench-train-{d}-{os.getpid()}",
                                 placements=place(d, devices),
                                 rank_kwargs=lambda r: {"rank": r, "world_size": d, "store": store})
             try:

@@ -483,7 +483,7 @@ def _evaluate_trl(s: Settings, root: str, steps: list[int]) -> list[tuple[int, f
     from m2flow.data.templates import format_prompt
     from m2flow.eval import evaluate
     from m2flow.rollout import SamplingParams
-    from m2flow.scheduler.workers import RolloutWorker
+    from m2flow.scheduler.workers import RolloutWorker, Start
 
     cfg = load_config(None, m2flow_overrides(s, os.path.join(root, "unused")))
     held_out = _held_out(s)
@@ -491,7 +491,7 @@ def _evaluate_trl(s: Settings, root: str, steps: list[int]) -> list[tuple[int, f
     out = []
     for step in [0, *steps]:
         path = s.model_path if step == 0 else os.path.join(root, f"step-{step}")
-        worker = RolloutWorker(path, cfg, threads=s.threads)
+        worker = RolloutWorker(Start.of(path, cfg), cfg.rollout, threads=s.threads)
         prompts = [format_prompt(p.question, worker.engine.tokenizer, s.template) for p in held_out]
         out.append((step, evaluate(worker.generate, held_out, prompts, greedy).accuracy))
         log.info("TRL step %d: held-out accuracy %.3f", step, out[-1][1])

@@ -30,7 +30,7 @@ class Batcher:
         need = -(-max_len // self.blocks.block_size)
         if need > len(self.blocks.blocks):
             raise ValueError(f"a sequence of up to {max_len} tokens needs {need} KV blocks but the cache has only "
-                             f"{len(self.blocks.blocks)}: raise rollout.kv_cache_gb or shorten prompts / responses")
+                             f"{len(self.blocks.blocks)}: raise rollout.engine.kv_cache_gb or shorten prompts / responses")
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)

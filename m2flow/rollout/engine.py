@@ -14,7 +14,6 @@ import os
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -24,35 +23,10 @@ from m2flow.rollout.model import PACKED, CausalLM, ModelArgs, shard_sizes
 from m2flow.rollout.model_runner import ModelRunner, kv_bytes_per_token
 from m2flow.rollout.batcher import Batcher
 from m2flow.rollout.sequence import SeqParams, Sequence, Status
+from m2flow.config import EngineConfig
 from m2flow.rollout.types import GenerateStats, Sample, SamplingParams
 
 GiB = 1 << 30
-KERNELS = ("auto", "triton", "torch")
-
-
-@dataclass
-class EngineConfig:
-    max_num_seqs: int = 512  # sequences decoded together
-    max_num_batched_tokens: int = 16384  # prompt tokens computed in one prefill step
-    max_model_len: int = 0  # prompt + response cap; 0 = the model's max_position_embeddings
-    block_size: int = 16  # tokens per KV block
-    kv_cache_gb: float = 0.0  # KV cache budget; 0 = auto (kv_cache_fraction of free GPU memory; 1 GiB on CPU)
-    kv_cache_fraction: float = 0.3  # share of free GPU memory for the KV cache when kv_cache_gb is 0
-    # share KV blocks between sequences with the same prefix; the n samples of a prompt compute it once
-    prefix_caching: bool = True
-    cuda_graphs: bool = True  # on a GPU, decode steps replay CUDA graphs captured per batch-size bucket
-    # "triton": decode attention by the paged kernel (blocks read in place) and fused sampling; "torch":
-    # blocks gathered, then matmuls, and sampler.sample; "auto": triton on a GPU, torch on CPU (where
-    # Triton only runs in its slow interpreter)
-    kernels: str = "auto"
-    # torch.compile the eager decode step (the kernels='torch' path without CUDA graphs: CPU, or a GPU with
-    # both off): on CPU 2-4x faster steps on the tiny model, after about 30 s of compilation (about 5 s in
-    # a later process that finds inductor's disk cache); pays off only for long generation
-    compile: bool = False
-
-    def __post_init__(self):
-        if self.kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CausalLM:

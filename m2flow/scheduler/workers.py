@@ -1,13 +1,16 @@
-"""Worker shells run as Ray actors: each holds a model and calls pure code (engine, trainer)."""
+"""Worker shells run as Ray actors: each holds a model and calls pure code (engine, trainer). A worker gets what
+it starts from (`Start`: the model, its dtype, the seed) and its role's config sections, not the whole Config."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import ray
 import torch
 
 from m2flow.batch import RolloutBatch
-from m2flow.config import Config
-from m2flow.rollout import Engine, EngineConfig, GenerateStats, HFEngine, Sample, SamplingParams
+from m2flow.config import AlgorithmConfig, Config, CriticConfig, RolloutConfig, TrainConfig
+from m2flow.rollout import Engine, GenerateStats, HFEngine, Sample, SamplingParams
 from m2flow.scheduler.devices import Placement, pin
 from m2flow.training.actor import Actor, init_trainer_group
 from m2flow.training.critic import Critic, load_value_model
@@ -16,26 +19,42 @@ from m2flow.training.reference import Reference
 from m2flow.training.weight_sync import nbytes
 
 
-def _setup(threads: int, seed: int, placement: Placement | None) -> None:
+@dataclass(frozen=True)
+class Start:
+    """What every worker starts from, besides its role's own config section: the model (an HF directory) in
+    model.dtype, and the run's seed."""
+
+    model_path: str
+    dtype: str
+    seed: int
+
+    @classmethod
+    def of(cls, model_path: str, cfg: Config) -> "Start":
+        return cls(model_path, cfg.model.dtype, cfg.seed)
+
+
+def _setup(threads: int, seed: int, placement: Placement | None) -> str:
+    """Pins and seeds the worker; the torch device it computes on."""
     pin(placement, threads)
     torch.manual_seed(seed)
+    return placement.device if placement else "cpu"
+
+
+def _trainer_dtype(start: Start, device: str, fsdp: bool) -> tuple[str, torch.dtype | None]:
+    """(the dtype a trainer loads the model in, its compute dtype): on a GPU a bfloat16 policy trains in mixed
+    precision, float32 master weights and bfloat16 compute (FSDP2); otherwise model.dtype throughout."""
+    mixed = device == "cuda" and start.dtype == "bfloat16" and fsdp
+    return ("float32", torch.bfloat16) if mixed else (start.dtype, None)
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, cfg: Config, threads: int = 1, placement: Placement | None = None):
-        _setup(threads, cfg.seed, placement)
-        r = cfg.rollout
+    def __init__(self, start: Start, r: RolloutConfig, threads: int = 1, placement: Placement | None = None):
+        device = _setup(threads, start.seed, placement)
         if r.backend == "hf":
-            model, tokenizer = load_hf_model(model_path, cfg.model.dtype)
-            self.engine = HFEngine(model.to(placement.device if placement else "cpu"), tokenizer,
-                                   batch_size=r.batch_size)
+            model, tokenizer = load_hf_model(start.model_path, start.dtype)
+            self.engine = HFEngine(model.to(device), tokenizer, batch_size=r.engine.max_num_seqs)
         else:  # "m2flow" (validated)
-            config = EngineConfig(max_num_seqs=r.batch_size, max_num_batched_tokens=r.max_num_batched_tokens,
-                                  block_size=r.block_size, kv_cache_gb=r.kv_cache_gb,
-                                  kv_cache_fraction=r.kv_cache_fraction, prefix_caching=r.prefix_caching,
-                                  cuda_graphs=r.cuda_graphs, compile=r.compile)
-            self.engine = Engine.from_pretrained(model_path, config, dtype=cfg.model.dtype,
-                                                 device=placement.device if placement else "cpu")
+            self.engine = Engine.from_pretrained(start.model_path, r.engine, dtype=start.dtype, device=device)
         self.sleep_between_steps = r.sleep_between_steps
 
     def generate(self, prompts: list[str], params: SamplingParams, first_index: int = 0) -> list[Sample]:
@@ -73,18 +92,17 @@ class ActorWorker:
     """One rank of the trainer group (train.ranks): with several, they form a gloo process group through the
     file `store` and FSDP2 shards the policy over them; rank 0 returns the full weights and writes files."""
 
-    def __init__(self, model_path: str, cfg: Config, threads: int = 1, placement: Placement | None = None,
-                 rank: int = 0, world_size: int = 1, store: str = ""):
-        _setup(threads, cfg.seed, placement)
+    def __init__(self, start: Start, train: TrainConfig, algorithm: AlgorithmConfig, temperature: float,
+                 threads: int = 1, placement: Placement | None = None, rank: int = 0, world_size: int = 1,
+                 store: str = ""):
+        """`temperature`: the rollout's (the logprobs are those of the distribution it samples)."""
+        device = _setup(threads, start.seed, placement)
         self.rank = rank
-        device = placement.device if placement else "cpu"
         if world_size > 1:
             init_trainer_group(rank, world_size, store, device)
-        # on a GPU a bfloat16 policy trains in mixed precision: float32 master weights, bfloat16 compute
-        mixed = device == "cuda" and cfg.model.dtype == "bfloat16" and cfg.train.fsdp
-        model, self.tokenizer = load_hf_model(model_path, "float32" if mixed else cfg.model.dtype)
-        self.actor = Actor(model.to(device), cfg.train, cfg.algorithm, temperature=cfg.rollout.temperature,
-                           param_dtype=torch.bfloat16 if mixed else None)
+        load_dtype, compute_dtype = _trainer_dtype(start, device, train.fsdp)
+        model, self.tokenizer = load_hf_model(start.model_path, load_dtype)
+        self.actor = Actor(model.to(device), train, algorithm, temperature=temperature, param_dtype=compute_dtype)
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         return self.actor.compute_logprobs(batch)
@@ -120,14 +138,13 @@ class ReferenceWorker:
     train.ranks ranks placed like the actor's, forming their own gloo group through the file `store`; FSDP2 shards
     the weights over them and each computes its share of the rows (training/reference.py)."""
 
-    def __init__(self, model_path: str, cfg: Config, threads: int = 1, placement: Placement | None = None,
-                 rank: int = 0, world_size: int = 1, store: str = ""):
-        _setup(threads, cfg.seed, placement)
-        device = placement.device if placement else "cpu"
+    def __init__(self, start: Start, train: TrainConfig, temperature: float, threads: int = 1,
+                 placement: Placement | None = None, rank: int = 0, world_size: int = 1, store: str = ""):
+        device = _setup(threads, start.seed, placement)
         if world_size > 1:
             init_trainer_group(rank, world_size, store, device)
-        model, _ = load_hf_model(model_path, cfg.model.dtype)  # frozen: no float32 master weights in bfloat16
-        self.reference = Reference(model.to(device), cfg.train, temperature=cfg.rollout.temperature)
+        model, _ = load_hf_model(start.model_path, start.dtype)  # frozen: no float32 master weights in bfloat16
+        self.reference = Reference(model.to(device), train, temperature=temperature)
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """The whole batch's reference logprobs, on every rank."""
@@ -139,16 +156,15 @@ class CriticWorker:
     weights: train.ranks ranks placed like the actor's, forming their own gloo group through the file `store`;
     FSDP2 shards the critic over them and its update is data parallel by tokens, as the actor's."""
 
-    def __init__(self, model_path: str, cfg: Config, threads: int = 1, placement: Placement | None = None,
-                 rank: int = 0, world_size: int = 1, store: str = ""):
-        _setup(threads, cfg.seed, placement)
-        device = placement.device if placement else "cpu"
+    def __init__(self, start: Start, train: TrainConfig, critic: CriticConfig, algorithm: AlgorithmConfig,
+                 threads: int = 1, placement: Placement | None = None, rank: int = 0, world_size: int = 1,
+                 store: str = ""):
+        device = _setup(threads, start.seed, placement)
         if world_size > 1:
             init_trainer_group(rank, world_size, store, device)
-        mixed = device == "cuda" and cfg.model.dtype == "bfloat16" and cfg.train.fsdp  # as the actor's
-        model = load_value_model(model_path, "float32" if mixed else cfg.model.dtype)
-        self.critic = Critic(model.to(device), cfg.train, cfg.critic, cfg.algorithm,
-                             param_dtype=torch.bfloat16 if mixed else None)
+        load_dtype, compute_dtype = _trainer_dtype(start, device, train.fsdp)  # as the actor's
+        model = load_value_model(start.model_path, load_dtype)
+        self.critic = Critic(model.to(device), train, critic, algorithm, param_dtype=compute_dtype)
 
     def compute_values(self, batch: RolloutBatch) -> torch.Tensor:
         """The whole batch's values, on every rank."""

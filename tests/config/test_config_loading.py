@@ -161,16 +161,20 @@ def test_config_error_is_value_error():
         ("data", {"template": "alpaca"}, "data.template"),
         ("rollout", {"backend": "vllm"}, "rollout.backend"),
         ("rollout", {"backend": "hf", "sleep_between_steps": True}, "rollout.sleep_between_steps"),
-        ("rollout", {"block_size": 0}, "rollout.block_size"),
-        ("rollout", {"kv_cache_gb": -1.0}, "rollout.kv_cache_gb"),
-        ("rollout", {"kv_cache_fraction": 0.0}, "rollout.kv_cache_fraction"),
-        ("rollout", {"kv_cache_fraction": 1.5}, "rollout.kv_cache_fraction"),
-        ("rollout", {"max_num_batched_tokens": 0}, "rollout.max_num_batched_tokens"),
+        ("rollout.engine", {"block_size": 0}, "rollout.engine.block_size"),
+        ("rollout.engine", {"kv_cache_gb": -1.0}, "rollout.engine.kv_cache_gb"),
+        ("rollout.engine", {"kv_cache_fraction": 0.0}, "rollout.engine.kv_cache_fraction"),
+        ("rollout.engine", {"kv_cache_fraction": 1.5}, "rollout.engine.kv_cache_fraction"),
+        ("rollout.engine", {"max_num_batched_tokens": 0}, "rollout.engine.max_num_batched_tokens"),
+        ("rollout.engine", {"max_num_seqs": 0}, "rollout.engine.max_num_seqs"),
+        ("rollout.engine", {"max_model_len": -1}, "rollout.engine.max_model_len"),
     ],
 )
 def test_validate_rejects(section, changes, key):
     cfg = Config()
-    setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **changes))
+    parent, _, name = section.rpartition(".")
+    owner = getattr(cfg, parent) if parent else cfg
+    setattr(owner, name, dataclasses.replace(getattr(owner, name), **changes))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
 
@@ -246,3 +250,17 @@ def test_config_to_dict():
 def test_group_estimators_need_several_samples(estimator):
     with pytest.raises(ConfigError, match="rollout.n must be >= 2"):
         load_config(None, [f"algorithm.advantage={estimator}", "rollout.n=1"])
+
+
+def test_engine_settings_are_one_section():
+    """rollout.engine is the engine's own EngineConfig (one dataclass, no field-by-field copy); a bad kernel
+    choice is a ConfigError naming the key."""
+    from m2flow.rollout import EngineConfig
+
+    cfg = load_config(None, ["rollout.engine.max_num_seqs=64", "rollout.engine.kernels=torch"])
+    assert isinstance(cfg.rollout.engine, EngineConfig)
+    assert (cfg.rollout.engine.max_num_seqs, cfg.rollout.engine.kernels) == (64, "torch")
+    with pytest.raises(ConfigError, match=r"rollout.engine.kernels\) must be one of auto, triton, torch, got 'flash'"):
+        load_config(None, ["rollout.engine.kernels=flash"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'rollout.batch_size'"):
+        load_config(None, ["rollout.batch_size=64"])

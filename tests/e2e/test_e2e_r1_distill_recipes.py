@@ -114,8 +114,8 @@ def build_model_dir(path: str, arch: dict, seed: int = 0) -> None:
 
 
 # Only sizes shrink; the recipe's algorithm, optimizer, dtype, group size and micro-batching stay.
-SMALL = ["train.steps=2", "train.prompts_per_step=2", "rollout.max_new_tokens=16", "rollout.batch_size=32",
-         "rollout.kv_cache_gb=0.05", "eval.num_problems=4", "eval.max_new_tokens=16", "eval.benchmarks=[]",
+SMALL = ["train.steps=2", "train.prompts_per_step=2", "rollout.max_new_tokens=16", "rollout.engine.max_num_seqs=32",
+         "rollout.engine.kv_cache_gb=0.05", "eval.num_problems=4", "eval.max_new_tokens=16", "eval.benchmarks=[]",
          "data.synthetic_train_size=64", "data.synthetic_eval_size=16", "base.sft_examples=64",
          "cluster.num_cpus=2", "reward.name=e2e_has_digit"]  # a reward a random model earns: GRPO has a signal
 

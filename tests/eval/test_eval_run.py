@@ -119,11 +119,11 @@ def test_eval_greedy_gives_the_accuracy_of_the_runners_evaluation(tmp_path, mode
     from m2flow.eval import evaluate
     from m2flow.rollout import SamplingParams
     from m2flow.data.task import load_task
-    from m2flow.scheduler.workers import RolloutWorker
+    from m2flow.scheduler.workers import RolloutWorker, Start
 
     cfg = load_config(None, ["eval.num_problems=16", "eval.max_new_tokens=16"])
     held_out = load_task(cfg).held_out[: cfg.eval.num_problems]
-    worker = RolloutWorker(model_dir, cfg, threads=1)
+    worker = RolloutWorker(Start.of(model_dir, cfg), cfg.rollout, threads=1)
     prompts = [format_prompt(p.question, worker.engine.tokenizer, cfg.data.template) for p in held_out]
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
     expected = evaluate(worker.generate, held_out, prompts, greedy, num_examples=len(held_out))

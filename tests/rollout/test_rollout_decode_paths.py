@@ -91,7 +91,7 @@ def test_sleep_and_wake_rebuild_the_static_buffers(model_dir, prompts, reference
 
 
 def test_kernel_choices(model_dir):
-    with pytest.raises(ValueError, match="kernels must be one of auto, triton, torch"):
+    with pytest.raises(ValueError, match=r"kernels \(rollout.engine.kernels\) must be one of auto, triton, torch"):
         EngineConfig(kernels="flash")
     engine = Engine.from_pretrained(model_dir, EngineConfig(max_num_seqs=4, max_model_len=64))
     assert engine.model.model.layers[0].self_attn.decode_kernel is None  # auto on CPU: the gather path

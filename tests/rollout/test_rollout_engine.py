@@ -331,9 +331,10 @@ def test_bfloat16_engine_runs_and_tracks_the_bf16_trainer(model_dir, hf_model, t
 def test_rollout_worker_reports_the_engine_stats(model_dir, prompts, backend):
     """The RL runner's rollout worker hands the engine's GenerateStats over (None with transformers)."""
     from m2flow.config import load_config
-    from m2flow.scheduler.workers import RolloutWorker
+    from m2flow.scheduler.workers import RolloutWorker, Start
 
-    worker = RolloutWorker(model_dir, load_config(None, [f"rollout.backend={backend}"]))
+    cfg = load_config(None, [f"rollout.backend={backend}"])
+    worker = RolloutWorker(Start.of(model_dir, cfg), cfg.rollout)
     samples = worker.generate(prompts[:2], SamplingParams(n=3, max_new_tokens=4, seed=0))
     assert len(samples) == 6
     stats = worker.stats()

@@ -49,16 +49,17 @@ def test_split_by_work():
 
 def test_two_replicas_equal_one(tmp_path, make_micro_model, tokenizer, chat_prompts):
     from m2flow.scheduler.cluster import start_ray, stop_ray
-    from m2flow.scheduler.workers import RolloutWorker
+    from m2flow.scheduler.workers import RolloutWorker, Start
     from m2flow.training.checkpoint import save_hf_checkpoint
 
     model = make_micro_model(0)
     path = save_hf_checkpoint(str(tmp_path / "m"), model.config, model.state_dict(), tokenizer)
-    cfg = load_config(None, [f"model.path={path}", "rollout.kv_cache_gb=0.05"])
+    cfg = load_config(None, [f"model.path={path}", "rollout.engine.kv_cache_gb=0.05"])
     started = not ray.is_initialized()
     start_ray(cfg.cluster)
     prompts = chat_prompts(5)
-    groups = [WorkerGroup(RolloutWorker, k, path, cfg, name=f"replicas-test-{k}", threads=1) for k in (1, 2)]
+    groups = [WorkerGroup(RolloutWorker, k, Start.of(path, cfg), cfg.rollout, name=f"replicas-test-{k}", threads=1)
+              for k in (1, 2)]
     try:
         one, two = (generate_on_replicas(g, prompts, PARAMS) for g in groups)
         assert len(two) == 15 and _same(one, two)

@@ -232,13 +232,13 @@ def test_kl_term_and_reference_worker(base_model, rollout, tokenizer, tmp_path):
     """The reference (a frozen copy of the start) gives the actor's own logprobs; with kl_coef > 0 the
     actor reports the KL, which is exactly 0 before the first update and positive after it."""
     from m2flow.config import Config
-    from m2flow.scheduler.workers import ReferenceWorker
+    from m2flow.scheduler.workers import ReferenceWorker, Start
     from m2flow.training.checkpoint import save_hf_checkpoint
 
     save_hf_checkpoint(str(tmp_path / "ref"), base_model.config, base_model.state_dict(), tokenizer)
     cfg = Config()
     cfg.rollout.temperature = 1.0
-    reference = ReferenceWorker(str(tmp_path / "ref"), cfg, threads=1)
+    reference = ReferenceWorker(Start.of(str(tmp_path / "ref"), cfg), cfg.train, cfg.rollout.temperature, threads=1)
     actor = Actor(copy.deepcopy(base_model), TrainConfig(fsdp=False, lr=LR),
                   AlgorithmConfig(kl_coef=0.5, kl_estimator="k3"))
     batch = _prepared(actor, rollout)
