@@ -157,6 +157,7 @@ class TrainConfig:
     old_logprobs: str = "auto"  # the PPO ratio's old logprobs: rollout (the engine's, no extra pass), recompute (a trainer pass), auto (rollout when model.dtype is float32: the engine computes the trainer's distribution)
     logprob_check_every: int = 10  # with rollout old logprobs, every k steps the trainer's logprobs are computed anyway and their gap logged (rollout/logprob_abs_diff); 0 = never
     fsdp: bool = True  # wrap the actor and the critic (and, on several ranks, the frozen reference) with FSDP2 (fully_shard), each over its own group's ranks
+    offload: bool = False  # FSDP2 CPU offload (actor and critic): sharded parameters, gradients and optimizer state live in host memory and the optimizer steps there; each layer is copied to the GPU for its forward and backward (GPU memory for long responses and larger models, at the cost of transfers); changes nothing on CPU devices
     activation_checkpointing: bool = False  # the actor and the critic keep only each decoder layer's input in the forward pass and recompute the rest in backward: far less activation memory for about one more forward pass of compute (the same gradients)
     ranks: int = 1  # trainer ranks: data parallel, FSDP2 sharding over a gloo group (each rank gets its share of the threads); the reference (kl_coef > 0) and the critic (gae) are groups of as many ranks, each its own gloo group, placed like the actor's
     weight_sync_bucket_mb: float = 256  # the weight sync after each step moves the trainer's weights to the engines through the object store in buckets of at most this many MiB (a larger weight goes alone), so no process holds a second full copy; metrics time/weight_sync, weight_sync/*
@@ -355,6 +356,8 @@ def _validate_ranges(cfg: Config, check) -> None:
 
 
 def _validate_rollout(cfg: Config, check) -> None:
+    check(not cfg.train.offload or cfg.train.fsdp, "train.offload needs train.fsdp=true (FSDP2 keeps the shards in host "
+                                                   "memory)")
     check(cfg.train.ranks == 1 or cfg.train.fsdp,
           f"train.ranks={cfg.train.ranks} needs train.fsdp=true (FSDP2 averages the ranks' gradients)")
     r = cfg.rollout

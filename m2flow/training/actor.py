@@ -46,13 +46,14 @@ def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype | None = None, offload: bool = False) -> torch.nn.Module:
     """FSDP2: shard each decoder layer, then the root (torchtitan style), on the model's device type. With
     `param_dtype` (bfloat16 on GPU): the sharded parameters stay in their own dtype (float32 master weights, as the
     optimizer sees them) and each layer computes in `param_dtype`, its gradients reduced in float32
-    (MixedPrecisionPolicy)."""
+    (MixedPrecisionPolicy). With `offload`: the shards, their gradients and so the optimizer state live in host
+    memory (CPUOffloadPolicy; pinned when the model is on a GPU)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     device_type = device_of(model).type
     init_single_process_group(device_type)
@@ -61,6 +62,8 @@ def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -
     options = {"mesh": mesh, "reshard_after_forward": dist.get_world_size() > 1}
     if param_dtype is not None:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=device_type == "cuda")
     for layer in model.model.layers:
         fully_shard(layer, **options)
     fully_shard(model, **options)
@@ -165,8 +168,8 @@ class Actor:
             use_lean_head(model, train.logits_chunk_tokens)
         if train.activation_checkpointing:
             use_activation_checkpointing(model)
-        self.model = apply_fsdp(model, param_dtype) if train.fsdp else model
-        self.device = device_of(self.model)
+        self.device = device_of(model)  # where it computes (with train.offload its shards then move to the host)
+        self.model = apply_fsdp(model, param_dtype, train.offload) if train.fsdp else model
         self.optimizer, self.lr_schedule = make_optimizer(self.model, train.lr, train.weight_decay, train.warmup_steps)
         self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)
         self.policy_loss = POLICY_LOSSES.get(algorithm.policy_loss)

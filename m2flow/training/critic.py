@@ -57,8 +57,8 @@ class Critic:
         self.train_cfg, self.critic_cfg, self.algo = train, critic, algorithm
         if train.activation_checkpointing:
             use_activation_checkpointing(model)
-        self.model = apply_fsdp(model, param_dtype) if train.fsdp else model
-        self.device = device_of(self.model)
+        self.device = device_of(model)  # where it computes (with train.offload its shards then move to the host)
+        self.model = apply_fsdp(model, param_dtype, train.offload) if train.fsdp else model
         self.optimizer, self.lr_schedule = make_optimizer(self.model, critic.lr, critic.weight_decay,
                                                         critic.warmup_steps)
         self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)

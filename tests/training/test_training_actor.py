@@ -277,3 +277,23 @@ def test_activation_checkpointing_keeps_less_for_the_same_gradients(base_model, 
     assert _max_diff(_grads(plain), _grads(recomputing)) < 1e-6
     assert _max_diff(plain.state_dict(), recomputing.state_dict()) < 1e-6
     assert m_recomputing["actor/grad_norm"] == pytest.approx(m_plain["actor/grad_norm"], rel=1e-6)
+
+
+def test_offload_gives_the_same_update(base_model, rollout):
+    """train.offload (FSDP2 CPUOffloadPolicy): on a GPU the shards and the optimizer state live in host memory; on
+    CPU devices the same code path runs and the update is the one without it."""
+    from m2flow.config import ConfigError, load_config
+
+    created = not dist.is_initialized()
+    try:
+        offloaded = _actor(copy.deepcopy(base_model), fsdp=True, offload=True, micro_batch_size=5)
+        sharded = _actor(copy.deepcopy(base_model), fsdp=True, micro_batch_size=5)
+        m_off, m_on = offloaded.update(_prepared(offloaded, rollout)), sharded.update(_prepared(sharded, rollout))
+        assert m_off["actor/grad_norm"] == pytest.approx(m_on["actor/grad_norm"], rel=1e-6)
+        assert _max_diff(offloaded.state_dict(), sharded.state_dict()) < 1e-6
+        assert all(p.device.type == "cpu" for p in offloaded.model.parameters())
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+    with pytest.raises(ConfigError, match="train.offload needs train.fsdp=true"):
+        load_config(None, ["train.offload=true", "train.fsdp=false"])
