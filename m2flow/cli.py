@@ -291,20 +291,16 @@ def _bench_train(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     problems = task.train[: cfg.train.prompts_per_step]
     prompts = [format_prompt(p.question, tokenizer, cfg.data.template) for p in problems]
-    if args.devices:
+    answers = [p.answer for p in problems]
+    if args.devices:  # scaling over logical devices instead of the micro-batch layouts
         counts = [int(x) for x in args.devices.split(",") if x.strip()]
-        result = run_devices_benchmark(cfg, model_path, prompts, [p.answer for p in problems], counts, args.repeats,
-                                       args.out_dir)
-        print(f"\nm2flow bench train --devices: {result['cpu']}, {result['cores']} cores, {model_path}\n")
-        print(format_devices_table(result))
-        print(f"\nwrote {result['path']}")
-        return 0
-    budgets = [int(x) for x in args.budgets.split(",") if x.strip()]
-    result = run_train_benchmark(cfg, model_path, prompts, [p.answer for p in problems], budgets, args.repeats,
-                                 args.out_dir)
-    print(f"\nm2flow bench train: {result['cpu']}, {result['threads']} threads, {model_path}\n")
-    print(format_table(result))
-    print(f"\nwrote {result['path']}")
+        result = run_devices_benchmark(cfg, model_path, prompts, answers, counts, args.repeats, args.out_dir)
+        title, table = f" --devices: {result['cpu']}, {result['cores']} cores", format_devices_table(result)
+    else:
+        budgets = [int(x) for x in args.budgets.split(",") if x.strip()]
+        result = run_train_benchmark(cfg, model_path, prompts, answers, budgets, args.repeats, args.out_dir)
+        title, table = f": {result['cpu']}, {result['threads']} threads", format_table(result)
+    print(f"\nm2flow bench train{title}, {model_path}\n\n{table}\n\nwrote {result['path']}")
     return 0
 
 
