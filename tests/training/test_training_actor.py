@@ -297,3 +297,26 @@ def test_offload_gives_the_same_update(base_model, rollout):
             dist.destroy_process_group()
     with pytest.raises(ConfigError, match="train.offload needs train.fsdp=true"):
         load_config(None, ["train.offload=true", "train.fsdp=false"])
+
+
+def test_mixed_precision_keeps_float32_master_weights(base_model, rollout):
+    """param_dtype=bfloat16 (what a GPU rank uses for a bfloat16 policy): FSDP2 computes each layer in bfloat16
+    over float32 master weights, so the parameters and the optimizer stay float32, the logprobs carry bfloat16
+    rounding, and the update follows the float32 one."""
+    created = not dist.is_initialized()
+    try:
+        full = _actor(copy.deepcopy(base_model), fsdp=True, max_tokens_per_microbatch=48)
+        mixed = Actor(copy.deepcopy(base_model), TrainConfig(fsdp=True, lr=LR, max_tokens_per_microbatch=48),
+                      AlgorithmConfig(), param_dtype=torch.bfloat16)
+        b_full, b_mixed = _prepared(full, rollout), _prepared(mixed, rollout)
+        gap = (b_full.old_logprobs - b_mixed.old_logprobs).abs().max().item()
+        assert 0 < gap < 0.05  # computed in bfloat16: close, not equal
+        m_full, m_mixed = full.update(b_full), mixed.update(b_mixed)
+        assert m_mixed["actor/grad_norm"] == pytest.approx(m_full["actor/grad_norm"], rel=0.02)
+        assert {p.dtype for p in mixed.model.parameters()} == {torch.float32}
+        assert {s["exp_avg"].dtype for s in mixed.optimizer.state.values()} == {torch.float32}
+        moved = _max_diff(mixed.state_dict(), base_model.state_dict())
+        assert LR / 2 < moved < 3 * LR  # Adam's first step: about lr per weight
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
