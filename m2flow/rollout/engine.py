@@ -13,7 +13,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -216,6 +216,16 @@ class Engine:
         return self.generate_ids(prompt_ids, params, first_index)
 
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, first_index: int = 0) -> list[Sample]:
+        """generate() from token ids: every group, prompt-major (sample j of a prompt in order j)."""
+        groups = sorted(self.stream_groups(prompt_ids, params, first_index), key=lambda g: g[0].prompt_index)
+        return [sample for group in groups for sample in group]
+
+    def stream_groups(self, prompt_ids: list[list[int]], params: SamplingParams,
+                      first_index: int = 0) -> Iterator[list[Sample]]:
+        """The same samples as generate_ids, but each prompt's group of `params.n` is yielded as soon as its last
+        sample finishes, while the other sequences keep decoding (the streaming shape a pipelined rollout feeds
+        a channel with); groups come in the order they complete. Every prompt is checked and queued before the
+        first step; closing the iterator early drops the sequences still queued or running."""
         if self.sleeping:
             raise RuntimeError("the engine is asleep: call wake() first")
         base_seed = params.seed if params.seed is not None else random.getrandbits(32)
@@ -237,20 +247,26 @@ class Engine:
             self.batcher.check_fits(seq, min(len(seq) + params.max_new_tokens, self.max_model_len))
         for seq in seqs:
             self.batcher.add(seq)
-        start = time.perf_counter()
-        self.stats = GenerateStats(prompt_tokens=sum(len(s) for s in seqs))
+        self.stats = GenerateStats(prompt_tokens=sum(len(s) for s in seqs))  # seconds: inside the engine's steps
         preemptions = self.batcher.num_preemptions
+        unfinished = [params.n] * len(prompt_ids)  # samples still running, per prompt
         try:
             while not self.batcher.is_finished():
-                self.step()
-        except BaseException:
-            self.batcher.abort_all()  # e.g. KeyboardInterrupt: the next call starts clean
+                start = time.perf_counter()
+                finished = self.step()
+                self.stats.seconds += time.perf_counter() - start
+                self.stats.preemptions = self.batcher.num_preemptions - preemptions
+                for seq in finished:
+                    unfinished[seq.prompt_index] -= 1
+                    if unfinished[seq.prompt_index] == 0:
+                        first = seq.prompt_index * params.n
+                        yield [self._to_sample(s) for s in seqs[first: first + params.n]]
+        except BaseException:  # e.g. KeyboardInterrupt, or the consumer closed the stream: the next call starts clean
+            self.batcher.abort_all()
             raise
-        self.stats.preemptions = self.batcher.num_preemptions - preemptions
-        self.stats.seconds = time.perf_counter() - start
-        return [self._to_sample(s) for s in seqs]
 
-    def step(self) -> None:
+    def step(self) -> list[Sequence]:
+        """One prefill or decode step; the sequences it finished."""
         seqs, is_prefill = self.batcher.schedule()
         if not seqs:
             raise RuntimeError("the batcher made no progress: the KV cache is too small for one sequence")
@@ -263,6 +279,7 @@ class Engine:
             self.stats.decode_steps += 1
             self.stats.decode_rows += len(seqs)
         tokens, logprobs = self.runner.run(seqs, is_prefill)
+        finished = []
         for seq, token, logprob in zip(seqs, tokens, logprobs):
             self.block_manager.on_block_filled(seq)  # the KV of all its tokens so far is now written
             seq.token_ids.append(token)
@@ -270,6 +287,8 @@ class Engine:
             reason = self._finish_reason(seq, token)
             if reason:
                 self.batcher.finish(seq, reason)
+                finished.append(seq)
+        return finished
 
     def _finish_reason(self, seq: Sequence, token: int) -> str:
         p = seq.params

@@ -310,6 +310,32 @@ def test_refused_or_interrupted_calls_leave_the_engine_clean(model_dir, prompts,
     assert _tokens(engine.generate(prompts[:3], params)) == _tokens(expected)
 
 
+def test_groups_stream_out_as_they_finish(model_dir, prompts, tokenizer):
+    """stream_groups: each prompt's n samples come out together as soon as the last of them finishes, while other
+    sequences still decode; the groups are exactly generate()'s samples; closing the stream early leaves the
+    engine clean."""
+    engine = make_engine(model_dir, block_size=4, kv_cache_gb=200 * 4 * 256 / 2**30)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[:8]]
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=24, seed=5, stop_token_ids=STOP_RANGE)
+    whole = engine.generate_ids(ids, params)
+    streamed, still_running = [], []
+    for group in engine.stream_groups(ids, params):
+        streamed.append(group)
+        still_running.append(not engine.batcher.is_finished())
+    assert sorted(g[0].prompt_index for g in streamed) == list(range(8))
+    assert all(len(g) == 3 and {s.prompt_index for s in g} == {g[0].prompt_index} for g in streamed)
+    in_order = [s for g in sorted(streamed, key=lambda g: g[0].prompt_index) for s in g]
+    assert _tokens(in_order) == _tokens(whole)  # (logprobs to float rounding: the second call reuses cached prefixes)
+    assert max(abs(a - b) for x, y in zip(in_order, whole) for a, b in zip(x.logprobs, y.logprobs)) < 1e-4
+    assert still_running[0] and not still_running[-1]  # the first group came out while others were decoding
+    assert [g[0].prompt_index for g in streamed] != list(range(8))  # in the order they finished, not prompt order
+    stream = engine.stream_groups(ids, params)
+    next(stream)
+    stream.close()  # the consumer stops early: the rest is dropped, the blocks freed
+    assert engine.batcher.is_finished() and engine.block_manager.num_free == 200
+    assert _tokens(engine.generate_ids(ids, params)) == _tokens(whole)
+
+
 def test_bfloat16_engine_runs_and_tracks_the_bf16_trainer(model_dir, hf_model, tokenizer, prompts):
     """bf16 weights and KV cache, float32 rotary frequencies and sampling; logprobs close to transformers in
     bf16 (not equal: the op order differs, which is what algorithm.tis_cap corrects for)."""
