@@ -68,6 +68,23 @@ class RolloutWorker:
             self.engine.sleep()
         return samples
 
+    def generate_into(self, channel, prompts: list[str], params: SamplingParams, first_index: int = 0) -> int:
+        """Streams the samples into `channel` (scheduler/channel.py): each prompt's group, with global prompt
+        indices, put as soon as its n samples are done (weighted by their tokens), while the others decode; the
+        same samples as generate (m2flow's engine only). Returns the number of groups put."""
+        if self.sleep_between_steps:
+            self.engine.wake()
+        prompt_ids = [self.engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        groups = 0
+        for group in self.engine.stream_groups(prompt_ids, params, first_index):
+            for sample in group:
+                sample.prompt_index += first_index
+            channel.put(group, weight=sum(len(s.prompt_ids) + len(s.token_ids) for s in group))
+            groups += 1
+        if self.sleep_between_steps:
+            self.engine.sleep()
+        return groups
+
     def load_weight_buckets(self, buckets: list[ray.ObjectRef], policy_version: int) -> None:
         """The trainer's weights, from the object store (ActorWorker.weight_buckets), loaded in place bucket by
         bucket: the next bucket is fetched once the last one is loaded, so the worker never holds more than one

@@ -65,6 +65,17 @@ def test_two_replicas_equal_one(tmp_path, make_micro_model, tokenizer, chat_prom
         assert len(two) == 15 and _same(one, two)
         by_work = generate_on_replicas(groups[1], prompts, PARAMS, prompt_tokens=[500, 1, 1, 1, 1])  # split 1 | 4
         assert _same(one, by_work)  # the samples do not depend on the split
+        # streamed: both replicas put each finished group into one channel; a consumer takes its quota of 5
+        from m2flow.scheduler.channel import Channel
+
+        channel = Channel("replicas-test", capacity=2, timeout_s=120)  # smaller than the stream: back-pressure
+        puts = [rank.generate_into.remote(channel, prompts[a:b], PARAMS, first_index=a)
+                for rank, (a, b) in zip(groups[1].ranks, [(0, 2), (2, 5)])]
+        streamed = [channel.get() for _ in range(5)]
+        assert sorted(ray.get(puts)) == [2, 3]
+        assert all(len(g) == 3 and len({s.prompt_index for s in g}) == 1 for g in streamed)
+        assert _same(one, [s for g in sorted(streamed, key=lambda g: g[0].prompt_index) for s in g])
+        channel.close()
         stats = groups[1].call("stats")
         assert len(stats) == 2 and all(s.prompt_tokens > 0 for s in stats)  # both replicas worked
     finally:
