@@ -227,10 +227,10 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         train.weight_sync_bucket_mb: the trainer ranks gather them weight by weight and rank 0 puts each bucket
         into the object store; each replica fetches and loads the buckets one at a time. The driver handles only
         the references. Returns the weight_sync/ metrics (GiB moved to each replica, and per second)."""
-        start = time.perf_counter()
+        began = time.perf_counter()
         refs, total = actor.call("weight_buckets", cfg.train.weight_sync_bucket_mb)[0]  # rank 0's
         rollout.call("load_weight_buckets", refs, version)  # inside a list, the references are passed as they are
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - began
         return {"weight_sync/gb": total / GB, "weight_sync/gb_per_s": total / GB / max(seconds, 1e-9),
                 "weight_sync/buckets": float(len(refs))}
 
