@@ -66,26 +66,6 @@ def write_hf_files(path: str, hf_config, state_dict: dict[str, torch.Tensor], to
         tokenizer.save_pretrained(path)
 
 
-def load_weights_into(model: torch.nn.Module, path: str) -> None:
-    """Loads `path`/model.safetensors (written by write_hf_files) into `model` in place, sharded or not; a
-    tied lm_head is re-tied to the embedding. Every weight of the model must be in the file."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(os.path.join(path, WEIGHTS))
-    expected = model.state_dict().keys()
-    if "lm_head.weight" in expected and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise ValueError(f"{os.path.join(path, WEIGHTS)} lacks {len(missing)} weight(s) of the model, e.g. {missing[0]}")
-    if dist.is_initialized() and _is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
-    else:
-        model.load_state_dict(tensors)
-
-
 def save_trainer_state(path: str, model: torch.nn.Module, optimizer, lr_schedule, extra: dict) -> None:
     """Everything an exact resume of the trainer needs, into directory `path`: the weights and the optimizer state
     sharded as they are, through torch.distributed.checkpoint (`trainer_dcp/`: every rank writes its own shards,
@@ -139,12 +119,6 @@ def load_trainer(path: str, trainer) -> None:
     """Restores what save_trainer wrote into `trainer`: weights, optimizer, LR schedule, RNG, bad-step count."""
     extra = load_trainer_state(path, trainer.model, trainer.optimizer, trainer.lr_schedule)
     trainer.bad_steps_in_a_row = int(extra["bad_steps_in_a_row"])
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def load_hf_model(path: str, dtype: str = "float32"):
