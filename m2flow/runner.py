@@ -55,7 +55,7 @@ from m2flow.resume import (
 from m2flow.rollout import SamplingParams
 from m2flow.scheduler.cluster import start_ray, stop_ray
 from m2flow.scheduler.devices import Device, check_devices, place, release_devices, run_devices
-from m2flow.scheduler.group import WorkerGroup, generate_on_replicas
+from m2flow.scheduler.group import WorkerGroup, generate_on_replicas, rank_group
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker, Start
 from m2flow.stages import (
     Round,
@@ -163,12 +163,9 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
 
     def trainer_group(cls, role: str, rendezvous: str, *args) -> WorkerGroup:
         """`ranks` ranks of `cls(start, *args)`, rank r placed on the devices of the actor's rank r, forming a
-        process group of their own through the file store run_dir/`rendezvous` (no port; a killed run's is stale)."""
-        store = os.path.join(run_dir, rendezvous)
-        if os.path.exists(store):
-            os.unlink(store)
-        return WorkerGroup(cls, ranks, start, *args, name=f"{role}-{os.getpid()}", placements=place(ranks, devices),
-                           rank_kwargs=lambda r: {"rank": r, "world_size": ranks, "store": store})
+        process group of their own through the file store run_dir/`rendezvous` (no port)."""
+        return rank_group(cls, ranks, start, *args, name=f"{role}-{os.getpid()}", placements=place(ranks, devices),
+                          store=os.path.join(run_dir, rendezvous))
 
     temperature = cfg.rollout.temperature  # the trainers' logprobs are those of the distribution sampled
     actor = trainer_group(ActorWorker, "actor", ".trainer-rendezvous", cfg.train, cfg.algorithm, temperature)

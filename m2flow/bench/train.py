@@ -37,9 +37,9 @@ from m2flow.io import atomic_write_text
 def demo_workload(cfg: Config, model_path: str, prompts: list[str], answers: list[str]) -> RolloutBatch:
     """One step's scored rollout batch with GRPO advantages."""
     from m2flow.rewards import math_reward
-    from m2flow.rollout import Engine, EngineConfig, SamplingParams
+    from m2flow.rollout import Engine, SamplingParams
 
-    engine = Engine.from_pretrained(model_path, EngineConfig(max_num_seqs=cfg.rollout.engine.max_num_seqs), dtype=cfg.model.dtype)
+    engine = Engine.from_pretrained(model_path, cfg.rollout.engine, dtype=cfg.model.dtype)
     r = cfg.rollout
     params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                             max_new_tokens=r.max_new_tokens, seed=cfg.seed)
@@ -123,8 +123,8 @@ def time_devices(cfg: Config, model_path: str, batch: RolloutBatch, counts: list
     import ray
 
     from m2flow.scheduler.cluster import start_ray, stop_ray
-    from m2flow.scheduler.devices import place, run_devices
-    from m2flow.scheduler.group import WorkerGroup
+    from m2flow.scheduler.devices import place, release_devices, run_devices
+    from m2flow.scheduler.group import rank_group
     from m2flow.scheduler.workers import ActorWorker, Start
 
     started = not ray.is_initialized()
@@ -136,11 +136,10 @@ def time_devices(cfg: Config, model_path: str, batch: RolloutBatch, counts: list
             run_cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, devices=d),
                                           train=dataclasses.replace(cfg.train, ranks=d))
             devices = run_devices(run_cfg.cluster)
-            store = os.path.join(tempfile.mkdtemp(prefix="m2flow-bench-"), "rendezvous")
-            group = WorkerGroup(ActorWorker, d, Start.of(model_path, run_cfg), run_cfg.train, run_cfg.algorithm,
-                                run_cfg.rollout.temperature, name=f"bench-train-{d}-{os.getpid()}",
-                                placements=place(d, devices),
-                                rank_kwargs=lambda r: {"rank": r, "world_size": d, "store": store})
+            group = rank_group(ActorWorker, d, Start.of(model_path, run_cfg), run_cfg.train, run_cfg.algorithm,
+                               run_cfg.rollout.temperature, name=f"bench-train-{d}-{os.getpid()}",
+                               placements=place(d, devices),
+                               store=os.path.join(tempfile.mkdtemp(prefix="m2flow-bench-"), "rendezvous"))
             try:
                 logprob_s, update_s = [], []
                 prepared = None
@@ -157,6 +156,7 @@ def time_devices(cfg: Config, model_path: str, batch: RolloutBatch, counts: list
                         update_s.append(time.perf_counter() - start)
             finally:
                 group.kill()
+                release_devices(devices)
             rows.append({"devices": d, "ranks": d, "cores": [list(p.cores) for p in place(d, devices)],
                          "logprobs_s": statistics.median(logprob_s), "update_s": statistics.median(update_s)})
     finally:

@@ -8,6 +8,8 @@ group is placed collocated (scheduler/cluster.py `launch`), on the devices `plac
 
 from __future__ import annotations
 
+import os
+
 import ray
 
 from m2flow.scheduler.cluster import launch
@@ -44,6 +46,15 @@ class WorkerGroup:
     def kill(self) -> None:
         for r in self.ranks:
             ray.kill(r)
+
+
+def rank_group(cls, size: int, *args, name: str, placements: list[Placement], store: str) -> WorkerGroup:
+    """`size` ranks of `cls(*args)` that form one process group (training/actor.py init_trainer_group) through the
+    file store `store`: rank r gets rank=r, world_size=size and store; a stale file a killed run left is removed."""
+    if os.path.exists(store):
+        os.unlink(store)
+    return WorkerGroup(cls, size, *args, name=name, placements=placements,
+                       rank_kwargs=lambda r: {"rank": r, "world_size": size, "store": store})
 
 
 def split_by_work(weights: list[float], parts: int) -> list[range]:

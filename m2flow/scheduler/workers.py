@@ -33,11 +33,16 @@ class Start:
         return cls(model_path, cfg.model.dtype, cfg.seed)
 
 
-def _setup(threads: int, seed: int, placement: Placement | None) -> str:
-    """Pins and seeds the worker; the torch device it computes on."""
+def _setup(threads: int, seed: int, placement: Placement | None, rank: int = 0, world_size: int = 1,
+           store: str = "") -> str:
+    """Pins and seeds the worker and, as rank `rank` of a group of `world_size` > 1, joins the group's process
+    group through the file `store`; the torch device it computes on."""
     pin(placement, threads)
     torch.manual_seed(seed)
-    return placement.device if placement else "cpu"
+    device = placement.device if placement else "cpu"
+    if world_size > 1:
+        init_trainer_group(rank, world_size, store, device)
+    return device
 
 
 def _trainer_dtype(start: Start, device: str, fsdp: bool) -> tuple[str, torch.dtype | None]:
@@ -113,10 +118,8 @@ class ActorWorker:
                  threads: int = 1, placement: Placement | None = None, rank: int = 0, world_size: int = 1,
                  store: str = ""):
         """`temperature`: the rollout's (the logprobs are those of the distribution it samples)."""
-        device = _setup(threads, start.seed, placement)
+        device = _setup(threads, start.seed, placement, rank, world_size, store)
         self.rank = rank
-        if world_size > 1:
-            init_trainer_group(rank, world_size, store, device)
         load_dtype, compute_dtype = _trainer_dtype(start, device, train.fsdp)
         model, self.tokenizer = load_hf_model(start.model_path, load_dtype)
         self.actor = Actor(model.to(device), train, algorithm, temperature=temperature, param_dtype=compute_dtype)
@@ -157,9 +160,7 @@ class ReferenceWorker:
 
     def __init__(self, start: Start, train: TrainConfig, temperature: float, threads: int = 1,
                  placement: Placement | None = None, rank: int = 0, world_size: int = 1, store: str = ""):
-        device = _setup(threads, start.seed, placement)
-        if world_size > 1:
-            init_trainer_group(rank, world_size, store, device)
+        device = _setup(threads, start.seed, placement, rank, world_size, store)
         model, _ = load_hf_model(start.model_path, start.dtype)  # frozen: no float32 master weights in bfloat16
         self.reference = Reference(model.to(device), train, temperature=temperature)
 
@@ -176,9 +177,7 @@ class CriticWorker:
     def __init__(self, start: Start, train: TrainConfig, critic: CriticConfig, algorithm: AlgorithmConfig,
                  threads: int = 1, placement: Placement | None = None, rank: int = 0, world_size: int = 1,
                  store: str = ""):
-        device = _setup(threads, start.seed, placement)
-        if world_size > 1:
-            init_trainer_group(rank, world_size, store, device)
+        device = _setup(threads, start.seed, placement, rank, world_size, store)
         load_dtype, compute_dtype = _trainer_dtype(start, device, train.fsdp)  # as the actor's
         model = load_value_model(start.model_path, load_dtype)
         self.critic = Critic(model.to(device), train, critic, algorithm, param_dtype=compute_dtype)
