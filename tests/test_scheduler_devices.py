@@ -93,15 +93,24 @@ def test_device_kinds():
 
 
 class _Probe:
+    """A worker that reports where it landed: its cores and threads, its Ray node, its GPU."""
+
     def __init__(self, threads: int = 1, placement: Placement | None = None):
         from m2flow.scheduler.devices import pin
 
         pin(placement, threads)
+        self.placement = placement
 
     def where(self) -> tuple[list[int], int]:
         import torch
 
         return sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def gpu(self) -> tuple[str, str, str]:
+        return self.node(), os.environ.get("CUDA_VISIBLE_DEVICES", ""), self.placement.device
 
 
 def test_ranks_are_pinned_to_their_devices_cores():
@@ -125,16 +134,6 @@ def test_ranks_are_pinned_to_their_devices_cores():
             stop_ray()
 
 
-class _Node:
-    def __init__(self, threads: int = 1, placement: Placement | None = None):
-        from m2flow.scheduler.devices import pin
-
-        pin(placement, threads)
-
-    def node(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-
 def test_a_group_spans_the_nodes_of_a_cluster():
     """Two simulated nodes of one CPU: 2 devices, one per node, and a 2-rank group has a rank on each."""
     from ray.cluster_utils import Cluster
@@ -155,25 +154,13 @@ def test_a_group_spans_the_nodes_of_a_cluster():
         with pytest.raises(ValueError, match=r"cluster.devices=4 over 2 nodes puts 2 devices on node"):
             run_devices(load_config(None, [f"cluster.address={cluster.address}", "cluster.devices=4"]).cluster)
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
-        group = WorkerGroup(_Node, 2, name="nodes-probe", placements=place(2, devices))
+        group = WorkerGroup(_Probe, 2, name="nodes-probe", placements=place(2, devices))
         assert group.call("node") == [d.node for d in devices]
-        single = WorkerGroup(_Node, 1, name="nodes-probe-one", placements=place(1, devices))
+        single = WorkerGroup(_Probe, 1, name="nodes-probe-one", placements=place(1, devices))
         assert single.call("node") == [here]  # a rank holding both devices runs on its first device's node
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-class _Gpu:
-    def __init__(self, threads: int = 1, placement: Placement | None = None):
-        from m2flow.scheduler.devices import pin
-
-        pin(placement, threads)
-        self.placement = placement
-
-    def where(self) -> tuple[str, str, str]:
-        return (ray.get_runtime_context().get_node_id(), os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-                self.placement.device)
 
 
 def test_gpu_devices_are_bundles_and_ranks_see_their_gpu():
@@ -197,14 +184,14 @@ def test_gpu_devices_are_bundles_and_ranks_see_their_gpu():
         assert [d.gpu for d in devices] == [0, 1, 2] and all(d.cores == () for d in devices)
         assert len({d.node for d in devices}) == 2
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
-        trainer = WorkerGroup(_Gpu, 3, name="gpu-probe", placements=place(3, devices))
-        engines = WorkerGroup(_Gpu, 3, name="gpu-probe-2", placements=place(3, devices))
-        seen, again = trainer.call("where"), engines.call("where")
+        trainer = WorkerGroup(_Probe, 3, name="gpu-probe", placements=place(3, devices))
+        engines = WorkerGroup(_Probe, 3, name="gpu-probe-2", placements=place(3, devices))
+        seen, again = trainer.call("gpu"), engines.call("gpu")
         assert [node for node, _, _ in seen] == [d.node for d in devices]
         assert all(gpu != "" and "," not in gpu and kind == "cuda" for _, gpu, kind in seen)  # one GPU each
         assert len({(node, gpu) for node, gpu, _ in seen}) == 3  # three different GPUs
         assert again == seen  # the second group's ranks share the first's GPUs
-        shared = WorkerGroup(_Gpu, 6, name="gpu-probe-6", placements=place(6, devices)).call("where")
+        shared = WorkerGroup(_Probe, 6, name="gpu-probe-6", placements=place(6, devices)).call("gpu")
         assert shared == seen + seen  # more ranks than GPUs: round robin
         release_devices(devices)  # the GPUs are free for the next run
         assert [d.gpu for d in run_devices(auto)] == [0, 1, 2]

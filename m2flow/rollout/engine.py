@@ -18,12 +18,12 @@ from collections.abc import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
+from m2flow.config import EngineConfig
+from m2flow.rollout.batcher import Batcher
 from m2flow.rollout.block_manager import BlockManager
 from m2flow.rollout.model import PACKED, CausalLM, ModelArgs, shard_sizes
 from m2flow.rollout.model_runner import ModelRunner, kv_bytes_per_token
-from m2flow.rollout.batcher import Batcher
 from m2flow.rollout.sequence import SeqParams, Sequence, Status
-from m2flow.config import EngineConfig
 from m2flow.rollout.types import GenerateStats, Sample, SamplingParams
 
 GiB = 1 << 30

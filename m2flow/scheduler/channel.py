@@ -84,8 +84,8 @@ class Channel:
             raise ValueError(f"a channel needs a capacity of at least 1 item, got {capacity}")
         self.name, self.timeout_s = name, timeout_s
         # async actor, no CPU reserved: it only moves references; many calls may wait on it at once
-        self.queue = ray.remote(num_cpus=0, max_concurrency=1000)(_Queue).options(name=f"channel-{name}-{time.time_ns()}").remote(
-            name, capacity)
+        queue = ray.remote(num_cpus=0, max_concurrency=1000)(_Queue)
+        self.queue = queue.options(name=f"channel-{name}-{time.time_ns()}").remote(name, capacity)
 
     def put(self, item, weight: float = 1.0) -> None:
         """Stores `item` in the object store and queues its reference (blocks while the channel is full)."""

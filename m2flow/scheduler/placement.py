@@ -7,9 +7,10 @@ A spec maps comma-separated roles to device sets: `{"actor,rollout,reward": "all
 Roles left out follow the others: `inference` (old and reference logprobs) and `critic` run on the actor's
 devices, `reward` on all of them. The mode is derived from the sets: every role on the same devices is
 collocated; a rollout on devices of its own (the training roles elsewhere, equal or disjoint among themselves) is
-disaggregated; a rollout sharing its devices with some training roles but not all is hybrid. Two roles whose sets overlap without being equal cannot be scheduled (neither stage order
-nor streaming fits), and neither can a role without devices, an index past the cluster's devices, or a role
-named twice: each is one PlacementError naming the role and the valid choices, before any worker starts.
+disaggregated; a rollout sharing its devices with some training roles but not all is hybrid. Two roles whose
+sets overlap without being equal cannot be scheduled (neither stage order nor streaming fits), and neither can
+a role without devices, an index past the cluster's devices, or a role named twice: each is one PlacementError
+naming the role and the valid choices, before any worker starts.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROLES = ("rollout", "reward", "inference", "actor", "critic")
-MODES = ("collocated", "disaggregated", "hybrid")
 
 
 class PlacementError(ValueError):
