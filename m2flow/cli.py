@@ -49,11 +49,24 @@ m2flow/TRL, and what could not be aligned; writes vs_trl.json, vs_trl.md and vs_
 Needs TRL: pip install -e ".[bench]"."""
 
 
+BENCH_PLACEMENT_HELP = """Placement modes against each other: the same RL experiment (CONFIG, default the demo; same seed and
+data) run for --steps steps with cluster.devices=--devices and cluster.placement set to each of --modes (collocated,
+disaggregated, or an RLinf spec such as '{rollout: "0", actor: "1"}'), for each workload: rollout_heavy (a long
+tail of response lengths), training_heavy (the trainer dominates) or demo (the config as it is). Prints per workload
+the median iteration seconds over steps 2..N, iterations/s, the ratio to collocated measured in the same bench, and
+the rollout and update medians; writes benchmarks/results/placement-<machine>.json and .md. Checkpoints are off and
+the held-out evaluation small (eval.num_problems=16, only before and after); key=value overrides come last."""
+
 EVAL_HELP = """Evaluates HF model directories on benchmarks with k samples per problem through m2flow's engine and
 prints the table in the published format (model rows, benchmark columns, an average column; cells avg@k in
 percent), then pass@k and maj@k. Writes table.csv, table.md, table.json, table.png and results.jsonl (every
 sample, its extracted answer and verdict) to --out-dir; the same command with the same --out-dir resumes,
 skipping problems already scored. Benchmarks, the files they read and the metrics: docs/eval.md."""
+
+REPORT_HELP = """Where one RL iteration's device time went, from RUN_DIR/timeline.jsonl: writes RUN_DIR/timeline.png, a
+Gantt chart of the iteration (one row per rank, grouped by device, bars colored by stage, rollout groups as
+ticks), and prints its window, per-device busy seconds and bubble fraction (idle device time over devices x
+window). Default step: the median step, leaving out step 1 (warm-up) when there are more than 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     vt.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     vt.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides (e.g. algorithm.filter_groups=false); m2flow's side runs with them")
+    bp = bench_sub.add_parser("placement", help=BENCH_PLACEMENT_HELP.split("\n")[0], description=BENCH_PLACEMENT_HELP)
+    bp.add_argument("--modes", default="collocated,disaggregated",
+                    help="comma-separated cluster.placement values; collocated is the baseline (default: "
+                         "collocated,disaggregated)")
+    bp.add_argument("--workloads", default="rollout_heavy,training_heavy",
+                    help="comma-separated: rollout_heavy, training_heavy, demo (default: rollout_heavy,training_heavy)")
+    bp.add_argument("--steps", type=int, default=6, help="RL steps per run; steps 2..N are timed (default: 6)")
+    bp.add_argument("--devices", type=int, default=2, help="cluster.devices of every run (default: 2)")
+    bp.add_argument("--out-dir", "--out", dest="out_dir", default="benchmarks/results",
+                    help="where placement-<machine>.json and .md go (default: benchmarks/results)")
+    bp.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    bp.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]",
+                    help="a YAML experiment file (e.g. configs/tiny_math_grpo.yaml), then config overrides")
     e = sub.add_parser("eval", help=EVAL_HELP.split("\n")[0], description=EVAL_HELP)
     e.add_argument("--models", nargs="+", required=True, metavar="[NAME=]PATH",
                    help="HF model directories (config.json, *.safetensors, tokenizer); NAME= sets the table's row "
@@ -182,7 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     e.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    args = parser.parse_args(argv)
+    r = sub.add_parser("report", help=REPORT_HELP.split("\n")[0], description=REPORT_HELP)
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding timeline.jsonl")
+    r.add_argument("--step", type=int, default=None,
+                   help="the iteration to show (default: the median step, step 1 left out when there are more than 2)")
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "target", None) == "placement" and not any(x.startswith("-") for x in extra):
+        args.args += extra  # `bench placement CONFIG --steps 3 key=value`: overrides after the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     for key, value in {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
                        "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_AUTH_MODE": "disabled"}.items():
         os.environ.setdefault(key, value)
@@ -195,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "report":
+        return _report(args)
     from m2flow.config import ConfigError, load_config
 
     if getattr(args, "seeds", ""):
@@ -366,9 +402,40 @@ def _bench_vs_trl(args) -> int:
     return 0
 
 
+def _bench_placement(args) -> int:
+    from m2flow.bench.placement import WORKLOADS, run_placement_benchmark, split_modes
+    from m2flow.config import ConfigError
+
+    config = args.args[0] if args.args and "=" not in args.args[0] else None
+    overrides = args.args[1:] if config else args.args
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    modes = split_modes(args.modes)
+    if not workloads or any(w not in WORKLOADS for w in workloads):
+        print(f"m2flow: --workloads takes {', '.join(WORKLOADS)}, comma-separated; got {args.workloads!r}",
+              file=sys.stderr)
+        return 2
+    if not modes or args.steps < 2 or args.devices < 1:
+        print("m2flow: bench placement needs --modes, --steps >= 2 (step 1 is warm-up) and --devices >= 1",
+              file=sys.stderr)
+        return 2
+    try:
+        result = run_placement_benchmark(workloads, modes, args.steps, args.devices, overrides, config, args.out_dir,
+                                         progress=not args.no_progress)
+    except ConfigError as e:
+        print(f"m2flow: config error: {e}", file=sys.stderr)
+        return 2
+    m = result["machine"]
+    print(f"\nm2flow bench placement: {m['cpu']}, {m['cores']} cores, cluster.devices={args.devices}, "
+          f"{args.steps} steps per run\n\n{result['table']}\n\nwrote {result['path']} and {result['md_path']}")
+    failed = any(r.get("error") for w in result["workloads"] for r in w["rows"])
+    return 1 if failed else 0
+
+
 def _bench(args) -> int:
     if args.target == "train":
         return _bench_train(args)
+    if args.target == "placement":
+        return _bench_placement(args)
     if args.target == "vs-trl":
         return _bench_vs_trl(args)
     if args.target == "memory":
@@ -434,6 +501,23 @@ def _eval(args) -> int:
     print(f"\n{report.new_samples} samples generated now, {report.skipped_problems} problem(s) found already "
           f"scored; wrote {', '.join(os.path.basename(p) for p in report.paths)} and results.jsonl to {out_dir} "
           f"(the same command with --out-dir {out_dir} resumes)")
+    return 0
+
+
+def _report(args) -> int:
+    from m2flow.gantt import report
+
+    try:
+        result = report(args.run_dir, args.step)
+    except ValueError as e:
+        print(f"m2flow report: {e}", file=sys.stderr)
+        return 2
+    window, busy = result["window_s"], result["busy_s"]
+    print(f"m2flow report {args.run_dir}: step {result['step']}, window {window:.2f} s, bubble fraction "
+          f"{result['bubble_fraction']:.1%} over {len(busy)} device(s)")
+    for device, seconds in busy.items():
+        print(f"  device {device}: busy {seconds:.2f} s ({seconds / window if window > 0 else 0.0:.1%})")
+    print(f"wrote {result['png']}")
     return 0
 
 

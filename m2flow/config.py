@@ -12,7 +12,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 class ClusterConfig:
     address: Optional[str] = None  # Ray cluster address ("auto", "ray://host:10001"); None starts Ray locally
     num_cpus: Optional[int] = None  # CPUs for a locally started Ray; None = all of this machine's
-    placement: str = "collocated"  # where worker groups run: collocated (all stages share the devices)
+    placement: Any = "collocated"  # which devices each role runs on: collocated (every role on every device, stages in turn), disaggregated (the rollout on the first half of the devices, the rest on the others; rollout groups stream to the trainer as they finish), or a spec in RLinf's syntax over the roles rollout, reward, inference, actor, critic, e.g. {rollout: "0", actor: "1"} or {"rollout,inference": "0-1", actor: "2-3"} (hybrid); see docs/placement.md
     device: str = "auto"  # auto | cpu | cuda: the devices worker groups are placed on; auto = cuda when the Ray cluster has GPUs (each rank sees one GPU; groups share them, collocated)
     devices: int = 0  # how many devices the run uses: GPUs (0 = all of the cluster's), or on CPU sets of cores (each node's usable cores split evenly; each rank is pinned to its device's cores, threads = its cores; 0 = one device per node)
     listen_all: bool = False  # a locally started Ray listens on all network interfaces (warns: no authentication, anyone reaching its ports can run code); false = 127.0.0.1 only
@@ -217,7 +217,7 @@ class Config:
 # Loading, validation and saving
 
 DTYPES = ("float32", "bfloat16")  # supported model.dtype values
-PLACEMENTS = ("collocated",)  # implemented cluster.placement modes
+PLACEMENTS = ("collocated", "disaggregated")  # cluster.placement's named layouts (else a spec: a mapping)
 DEVICE_KINDS = ("auto", "cpu", "cuda")  # cluster.device values (m2flow.scheduler.devices)
 TEMPLATES = ("chat", "plain")  # prompt templates (m2flow.data.templates)
 BAD_ROWS = ("error", "skip")
@@ -282,12 +282,22 @@ def validate(cfg: Config) -> None:
         value = getattr(a, name)
         check(value >= 0, f"algorithm.{name} must be >= 0, got {value}")
     for key, value, valid in [("model.dtype", cfg.model.dtype, DTYPES),
-                              ("cluster.placement", cfg.cluster.placement, PLACEMENTS),
                               ("cluster.device", cfg.cluster.device, DEVICE_KINDS),
                               ("data.template", cfg.data.template, TEMPLATES),
                               ("data.bad_rows", cfg.data.bad_rows, BAD_ROWS),
                               ("train.old_logprobs", cfg.train.old_logprobs, OLD_LOGPROBS)]:
         check(value in valid, f"{key} must be one of {', '.join(valid)}; got {value!r}")
+    placement = cfg.cluster.placement
+    check(isinstance(placement, dict) or placement in PLACEMENTS,
+          f"cluster.placement must be one of {', '.join(PLACEMENTS)} or a spec mapping roles to devices (e.g. "
+          f"{{rollout: '0', actor: '1'}}); got {placement!r}")
+    if isinstance(placement, dict):  # the roles and device sets; indices past the cluster are checked at start-up
+        from m2flow.scheduler.placement import PlacementError, plan_placement
+
+        try:
+            plan_placement(placement, cfg.cluster.devices or 1 << 20)
+        except PlacementError as e:
+            raise ConfigError(str(e)) from None
     from m2flow.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
     from m2flow.rewards import REWARDS
 

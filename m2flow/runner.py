@@ -55,7 +55,11 @@ from m2flow.resume import (
 from m2flow.rollout import SamplingParams
 from m2flow.scheduler.cluster import start_ray, stop_ray
 from m2flow.scheduler.devices import Device, check_devices, place, release_devices, run_devices
+from m2flow.pipeline import streamable, streamed_step
+from m2flow.scheduler.channel import Channel
 from m2flow.scheduler.group import WorkerGroup, generate_on_replicas, rank_group
+from m2flow.scheduler.placement import resolve_placement
+from m2flow.timeline import Recorder, append_spans
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker, Start
 from m2flow.stages import (
     Round,
@@ -155,26 +159,30 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
            workers: list | None = None) -> dict:
     """The RL loop (from step 1, or from the step after `checkpoint`, a periodic checkpoint of this run), its
     worker groups collocated over `devices`."""
+    plan = resolve_placement(cfg.cluster.placement, len(devices))
+    log.info("placement: %s", plan.describe())
+    on = lambda role: [devices[i] for i in plan.devices[role]]  # noqa: E731 (a role's devices)
     replicas = cfg.rollout.replicas  # engine replicas, data-parallel
     start = Start.of(model_path, cfg)  # what every worker starts from
     rollout = WorkerGroup(RolloutWorker, replicas, start, cfg.rollout, name=f"rollout-{os.getpid()}",
-                          placements=place(replicas, devices))
+                          placements=place(replicas, on("rollout")), rank_kwargs=lambda r: {"rank": r})
     ranks = cfg.train.ranks  # each trainer group: FSDP2 over a gloo group of this many ranks, data parallel
 
     def trainer_group(cls, role: str, rendezvous: str, *args) -> WorkerGroup:
-        """`ranks` ranks of `cls(start, *args)`, rank r placed on the devices of the actor's rank r, forming a
-        process group of their own through the file store run_dir/`rendezvous` (no port)."""
-        return rank_group(cls, ranks, start, *args, name=f"{role}-{os.getpid()}", placements=place(ranks, devices),
+        """`ranks` ranks of `cls(start, *args)` over the devices of placement role `role`, forming a process group
+        of their own through the file store run_dir/`rendezvous` (no port)."""
+        return rank_group(cls, ranks, start, *args, name=f"{role}-{os.getpid()}", placements=place(ranks, on(role)),
                           store=os.path.join(run_dir, rendezvous))
 
     temperature = cfg.rollout.temperature  # the trainers' logprobs are those of the distribution sampled
     actor = trainer_group(ActorWorker, "actor", ".trainer-rendezvous", cfg.train, cfg.algorithm, temperature)
-    reference = (trainer_group(ReferenceWorker, "reference", ".reference-rendezvous", cfg.train, temperature)
+    reference = (trainer_group(ReferenceWorker, "inference", ".reference-rendezvous", cfg.train, temperature)
                  if cfg.algorithm.kl_coef > 0 else None)
     critic = (trainer_group(CriticWorker, "critic", ".critic-rendezvous", cfg.train, cfg.critic, cfg.algorithm)
               if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None)
+    groups = [g for g in (rollout, actor, reference, critic) if g is not None]
     if workers is not None:
-        workers.extend([*rollout.ranks, *(r for g in (actor, reference, critic) if g is not None for r in g.ranks)])
+        workers.extend(r for g in groups for r in g.ranks)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -235,6 +243,16 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     rollout_old = old_logprobs_from_rollout(cfg)
     log.info("old logprobs: %s", "the rollout engine's (train.old_logprobs=recompute for a trainer pass)"
              if rollout_old else "a trainer pass")
+    channel = None  # a pipelined placement's: rollout groups, from the replicas to the driver, as they finish
+    if plan.mode != "collocated":
+        why_not = streamable(cfg, rollout_old)
+        if why_not:
+            log.warning("placement %s: the update waits for the whole batch, as collocated: %s", plan.mode, why_not)
+        else:
+            channel = Channel(f"rollout-{os.getpid()}", capacity=cfg.train.prompts_per_step)
+            workers.append(channel.queue) if workers is not None else None
+    driver = Recorder("driver")  # the driver's own stages (reward, advantage) on the timeline
+    timeline_path = os.path.join(run_dir, "timeline.jsonl")
     if checkpoint is None:
         metrics_log = MetricsLogger(run_dir)
         before, benchmarks_before = held_out_eval(), benchmark_eval(0)
@@ -265,6 +283,41 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
             "before": dataclasses.asdict(before), "benchmarks_before": benchmarks_before, "base_model": model_path},
             cfg.checkpoint.keep_last)
 
+    def check_logprobs(step: int) -> bool:
+        """Whether this step also runs the trainer's logprob pass to compare with the engine's."""
+        return cfg.train.logprob_check_every > 0 and step % cfg.train.logprob_check_every == 0
+
+    def learn(train_batch: RolloutBatch, step: int, times: dict[str, float]) -> dict[str, float]:
+        """The collocated iteration's stages after the filter, each over the whole batch: logprobs (the actor's
+        old ones unless the engine's are, the reference's, the critic's values), advantages, the critic's and the
+        actor's updates. Returns their metrics."""
+        metrics = {}
+        with stage(times, "logprobs"):
+            # the trainer's pass is skipped when the engine's logprobs are the old ones (but for a check)
+            check = not rollout_old or check_logprobs(step)
+            # one copy in the object store for every worker that reads the batch
+            batch_ref = ray.put(train_batch) if check or reference is not None or critic is not None else None
+            # the three groups run at once; every rank of each returns the whole batch's: rank 0's are taken
+            old_refs = actor.remote("compute_logprobs", batch_ref) if check else None
+            ref_refs = reference.remote("compute_logprobs", batch_ref) if reference is not None else None
+            values_refs = critic.remote("compute_values", batch_ref) if critic is not None else None
+            trainer_logprobs = ray.get(old_refs)[0] if check else None
+            train_batch.old_logprobs = (train_batch.rollout_logprobs * train_batch.response_mask
+                                        if rollout_old else trainer_logprobs)
+            train_batch.ref_logprobs = ray.get(ref_refs)[0] if ref_refs else None
+            train_batch.values = ray.get(values_refs)[0] if values_refs else None
+        if trainer_logprobs is not None:  # the engine vs the trainer on the same weights
+            metrics |= logprob_gap(train_batch, trainer_logprobs)
+        with stage(times, "advantage"), driver.span("advantage", rows=len(train_batch)):
+            metrics |= compute_advantages(train_batch, cfg)
+        update_ref = ray.put(train_batch)  # with the advantages (and returns): one copy for both groups
+        if critic is not None:
+            with stage(times, "critic_update"):
+                metrics |= critic.call("update", update_ref)[0]  # the same on every rank
+        with stage(times, "update"):
+            metrics |= actor.call("update", update_ref)[0]  # the same on every rank
+        return metrics
+
     bar = tqdm(range(first_step, cfg.train.steps + 1), desc=cfg.algorithm.advantage, disable=not progress,
                dynamic_ncols=True, initial=first_step - 1, total=cfg.train.steps)
     for step in bar:
@@ -282,46 +335,38 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                     stats = rollout.call("stats")
                     engine_stats.append(None if stats[0] is None else sum(stats[1:], stats[0]))
                     batch = RolloutBatch.from_samples(samples, tokenizer.pad_token_id)
-                with stage(times, "reward"):
+                with stage(times, "reward"), driver.span("reward", rows=len(samples)):
                     truths = [task.train[ids[s.prompt_index]].answer for s in samples]
                     scores, timeouts = scorer([s.text for s in samples], truths)
                     return prepare_round(batch, samples, torch.tensor(scores), cfg,
                                          group_offset=r * cfg.train.prompts_per_step, timeouts=timeouts)
 
-            rounds, train_batch, filter_metrics = collect_batch(generate_round, cfg, tokenizer.pad_token_id)
-            train_metrics = {}
+            if channel is not None:  # pipelined: micro-batches flow into the update while generation goes on
+                ids = sampler.next(cfg.train.prompts_per_step)
+                prompts = [prompt(task.train[i]) for i in ids]
+                with stage(times, "pipeline"):
+                    streamed = streamed_step(
+                        cfg, rollout, actor, reference, channel, prompts, [len(x) for x in tokenizer(prompts).input_ids],
+                        dataclasses.replace(sampling, seed=round_seed(cfg.seed, step, 0)),
+                        lambda samples: scorer([s.text for s in samples], [task.train[ids[s.prompt_index]].answer
+                                                                           for s in samples]),
+                        tokenizer.pad_token_id, rollout_old, check_logprobs(step), driver)
+                    stats = rollout.call("stats")
+                    engine_stats.append(None if stats[0] is None else sum(stats[1:], stats[0]))
+                rounds, train_batch = streamed.rounds, streamed.train_batch
+                filter_metrics, train_metrics = streamed.filter_metrics, streamed.train_metrics
+            else:  # stage by stage over the whole batch
+                rounds, train_batch, filter_metrics = collect_batch(generate_round, cfg, tokenizer.pad_token_id)
+                train_metrics = learn(train_batch, step, times) if len(train_batch) else {}
             if len(train_batch):
-                with stage(times, "logprobs"):
-                    # the trainer's pass is skipped when the engine's logprobs are the old ones (but for a check)
-                    check = not rollout_old or (cfg.train.logprob_check_every > 0
-                                                and step % cfg.train.logprob_check_every == 0)
-                    # one copy in the object store for every worker that reads the batch
-                    batch_ref = (ray.put(train_batch) if check or reference is not None or critic is not None
-                                 else None)
-                    # the three groups run at once; every rank of each returns the whole batch's: rank 0's are taken
-                    old_refs = actor.remote("compute_logprobs", batch_ref) if check else None
-                    ref_refs = reference.remote("compute_logprobs", batch_ref) if reference is not None else None
-                    values_refs = critic.remote("compute_values", batch_ref) if critic is not None else None
-                    trainer_logprobs = ray.get(old_refs)[0] if check else None
-                    train_batch.old_logprobs = (train_batch.rollout_logprobs * train_batch.response_mask
-                                                if rollout_old else trainer_logprobs)
-                    train_batch.ref_logprobs = ray.get(ref_refs)[0] if ref_refs else None
-                    train_batch.values = ray.get(values_refs)[0] if values_refs else None
-                if trainer_logprobs is not None:  # the engine vs the trainer on the same weights
-                    train_metrics |= logprob_gap(train_batch, trainer_logprobs)
-                with stage(times, "advantage"):
-                    train_metrics |= compute_advantages(train_batch, cfg)
-                update_ref = ray.put(train_batch)  # with the advantages (and returns): one copy for both groups
-                if critic is not None:
-                    with stage(times, "critic_update"):
-                        train_metrics |= critic.call("update", update_ref)[0]  # the same on every rank
-                with stage(times, "update"):
-                    train_metrics |= actor.call("update", update_ref)[0]  # the same on every rank
                 with stage(times, "weight_sync"):
                     train_metrics |= sync_weights(step)
             else:  # no update, the same weights: the engines only take the new version number
                 rollout.call("set_policy_version", step)
 
+        with stage({}, "timeline"):  # what every worker did this step, when (timeline.jsonl; `m2flow report`)
+            append_spans(timeline_path, step, driver.drain() + [s for g in groups for spans in g.call("drain_timeline")
+                                                                for s in spans])
         samples = [s for r in rounds for s in r.samples]
         metrics = {**batch_metrics(rounds, train_batch, cfg, step), **filter_metrics, **train_metrics, **times}
         if engine_stats[0] is not None:  # m2flow's engine: prefix sharing, preemptions, decode batch size

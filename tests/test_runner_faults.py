@@ -121,9 +121,10 @@ def test_killed_trainer_worker_stops_the_run(tmp_path, capsys):
     assert main(["train", *micro, "--no-progress"]) == 1
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if x.startswith("m2flow: run failed:"))
-    # the first stage that needs the trainer after the kill (rewards are all 0: no informative group to train on)
-    assert "stage 'checkpoint' failed in ActorWorker (pid " in line and "whose process died: ActorDiedError" in line
+    # the first stage that calls the trainer after the kill (rewards are all 0: no informative group to train on):
+    # collecting the step's timeline from every worker
+    assert "stage 'timeline' failed in ActorWorker (pid " in line and "whose process died: ActorDiedError" in line
     (run_dir,) = os.listdir(tmp_path / "runs")
     status = json.loads((tmp_path / "runs" / run_dir / "status.json").read_text())
-    assert status["status"] == "failed" and status["stage"] == "checkpoint"
+    assert status["status"] == "failed" and status["stage"] == "timeline"
     assert set(descendants(os.getpid())) <= before  # Ray and the reward workers are gone

@@ -52,18 +52,24 @@ def test_devices_spread_over_nodes():
 
 
 def test_a_group_spans_the_devices():
-    devices = [Device((0, 1)), Device((2, 3))]
+    devices = [Device((0, 1), index=0), Device((2, 3), index=1)]
     # fewer ranks than devices: a rank holds several devices, with all their cores as threads
-    assert place(1, devices) == [Placement((0, 1, 2, 3), 4)]
-    assert place(2, devices) == [Placement((0, 1), 2), Placement((2, 3), 2)]
+    assert place(1, devices) == [Placement((0, 1, 2, 3), 4, devices="0-1")]
+    assert place(2, devices) == [Placement((0, 1), 2, devices="0"), Placement((2, 3), 2, devices="1")]
     # more ranks than devices: round robin, the device's cores shared between its ranks
-    assert place(4, devices) == [Placement((0, 1), 1), Placement((2, 3), 1), Placement((0, 1), 1), Placement((2, 3), 1)]
-    assert place(3, [Device((0,)), Device((1,))]) == [Placement((0,), 1), Placement((1,), 1), Placement((0,), 1)]
+    assert place(4, devices) == [Placement((0, 1), 1, devices="0"), Placement((2, 3), 1, devices="1"),
+                                 Placement((0, 1), 1, devices="0"), Placement((2, 3), 1, devices="1")]
+    # a role's own devices (a disaggregated placement) keep their indices among the run's devices
+    assert place(1, devices[1:]) == [Placement((2, 3), 2, devices="1")]
+    assert place(3, [Device((0,)), Device((1,), index=1)]) == [Placement((0,), 1, devices="0"),
+                                                               Placement((1,), 1, devices="1"),
+                                                               Placement((0,), 1, devices="0")]
     # over nodes: a rank holds the devices of its share on its first device's node, and runs there
-    two_nodes = [Device((0,), "a"), Device((1,), "a"), Device((0, 1), "b")]
-    assert place(1, two_nodes) == [Placement((0, 1), 2, "a")]
-    assert place(2, two_nodes) == [Placement((0,), 1, "a"), Placement((1,), 1, "a")]
-    assert place(3, two_nodes) == [Placement((0,), 1, "a"), Placement((1,), 1, "a"), Placement((0, 1), 2, "b")]
+    two_nodes = [Device((0,), "a", index=0), Device((1,), "a", index=1), Device((0, 1), "b", index=2)]
+    assert place(1, two_nodes) == [Placement((0, 1), 2, "a", devices="0-1")]
+    assert place(2, two_nodes) == [Placement((0,), 1, "a", devices="0"), Placement((1,), 1, "a", devices="1")]
+    assert place(3, two_nodes) == [Placement((0,), 1, "a", devices="0"), Placement((1,), 1, "a", devices="1"),
+                                   Placement((0, 1), 2, "b", devices="2")]
 
 
 def test_device_kinds():
@@ -149,7 +155,7 @@ def test_a_group_spans_the_nodes_of_a_cluster():
         here = ray.get_runtime_context().get_node_id()
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         devices = run_devices(load_config(None, [f"cluster.address={cluster.address}"]).cluster)  # 0: one per node
-        assert devices == [Device((0,), here), Device((0,), next(n for n in nodes if n != here))]
+        assert devices == [Device((0,), here), Device((0,), next(n for n in nodes if n != here), index=1)]
         assert run_devices(load_config(None, [f"cluster.address={cluster.address}", "cluster.devices=2"]).cluster) == devices
         with pytest.raises(ValueError, match=r"cluster.devices=4 over 2 nodes puts 2 devices on node"):
             run_devices(load_config(None, [f"cluster.address={cluster.address}", "cluster.devices=4"]).cluster)

@@ -27,6 +27,7 @@ placement is tested with Ray's logical GPUs.)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class Device:
     node: str = ""  # the Ray node id ("" = the driver's node, before Ray is up)
     gpu: int | None = None  # GPU devices: the bundle index in `group`
     group: Any = None  # GPU devices: the ray.util.placement_group.PlacementGroup holding one GPU per bundle
+    index: int = 0  # its position among the run's devices (what cluster.placement's device sets name)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Placement:
     node: str = ""  # the Ray node id the rank is scheduled on ("" = anywhere: the driver's node, locally)
     gpu: int | None = None
     group: Any = None
+    devices: str = ""  # the indices of the run's devices it runs on, e.g. "1" or "0-1" (for the timeline)
 
     @property
     def device(self) -> str:
@@ -93,8 +96,8 @@ def run_devices(cluster: ClusterConfig) -> list[Device]:
     if device_kind(cluster, ray.cluster_resources().get("GPU", 0.0)) == "cuda":
         devices = gpu_devices(cluster.devices)
         log.info("devices: %d GPUs; %s", len(devices), " | ".join(f"node {d.node[:8]} bundle {d.gpu}" for d in devices))
-        return devices
-    devices = spread_devices(cluster.devices, ray_nodes())
+        return [dataclasses.replace(d, index=i) for i, d in enumerate(devices)]
+    devices = [dataclasses.replace(d, index=i) for i, d in enumerate(spread_devices(cluster.devices, ray_nodes()))]
     log.info("devices: %d; %s", len(devices), " | ".join(f"node {d.node[:8]} cores {','.join(map(str, d.cores))}"
                                                          for d in devices))
     return devices
@@ -180,18 +183,30 @@ def place(ranks: int, devices: list[Device]) -> list[Placement]:
     n = len(devices)
     if devices and devices[0].gpu is not None:  # a rank per GPU; more ranks than GPUs share them round robin
         cpus = max(1, len(usable_cores()) // n)  # host threads of a GPU rank (tokenizer, layouts, sampling)
-        return [Placement((), cpus, d.node, d.gpu, d.group)
+        return [Placement((), cpus, d.node, d.gpu, d.group, str(d.index))
                 for d in (devices[r * n // ranks] if ranks <= n else devices[r % n] for r in range(ranks))]
     if ranks <= n:
         out = []
         for r in range(ranks):
-            held = devices[r * n // ranks:(r + 1) * n // ranks]
-            cores = tuple(c for d in held if d.node == held[0].node for c in d.cores)
-            out.append(Placement(cores, len(cores), held[0].node))
+            held = [d for d in devices[r * n // ranks:(r + 1) * n // ranks] if d.node == devices[r * n // ranks].node]
+            cores = tuple(c for d in held for c in d.cores)
+            out.append(Placement(cores, len(cores), held[0].node, devices=device_label([d.index for d in held])))
         return out
     sharing = [len(range(d, ranks, n)) for d in range(n)]  # ranks on each device
-    return [Placement(devices[r % n].cores, max(1, len(devices[r % n].cores) // sharing[r % n]), devices[r % n].node)
-            for r in range(ranks)]
+    return [Placement(devices[r % n].cores, max(1, len(devices[r % n].cores) // sharing[r % n]), devices[r % n].node,
+                      devices=str(devices[r % n].index)) for r in range(ranks)]
+
+
+def device_label(indices) -> str:
+    """Device indices as ranges: [0, 1, 2, 5] -> '0-2,5'."""
+    indices = sorted(indices)
+    parts, start = [], None
+    for i, d in enumerate(indices):
+        start = d if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != d + 1:
+            parts.append(str(d) if d == start else f"{start}-{d}")
+            start = None
+    return ",".join(parts)
 
 
 def pin(placement: Placement | None, threads: int) -> None:

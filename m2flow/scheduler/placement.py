@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from m2flow.scheduler.devices import device_label
+
 ROLES = ("rollout", "reward", "inference", "actor", "critic")
 
 
@@ -31,7 +33,7 @@ class PlacementPlan:
 
     def describe(self) -> str:
         """One line per role, e.g. 'rollout: devices 0-3'."""
-        return "; ".join(f"{role}: devices {_ranges(d)}" for role, d in self.devices.items()) + f" ({self.mode})"
+        return "; ".join(f"{role}: devices {device_label(d)}" for role, d in self.devices.items()) + f" ({self.mode})"
 
 
 def plan_placement(spec: dict[str, str], num_devices: int) -> PlacementPlan:
@@ -58,8 +60,8 @@ def plan_placement(spec: dict[str, str], num_devices: int) -> PlacementPlan:
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             if compute[a] & compute[b] and compute[a] != compute[b]:
-                raise PlacementError(f"cluster.placement: {a} (devices {_ranges(devices[a])}) and {b} (devices "
-                                     f"{_ranges(devices[b])}) overlap without sharing the same devices: give them "
+                raise PlacementError(f"cluster.placement: {a} (devices {device_label(devices[a])}) and {b} (devices "
+                                     f"{device_label(devices[b])}) overlap without sharing the same devices: give them "
                                      f"the same devices (collocated) or disjoint ones (disaggregated)")
     shared_with_rollout = [r for r in names if r != "rollout" and compute[r] & compute["rollout"]]
     mode = ("collocated" if len({frozenset(d) for d in compute.values()}) == 1
@@ -85,12 +87,15 @@ def _parse_devices(value: str, num_devices: int, roles: str) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _ranges(devices: tuple[int, ...]) -> str:
-    """(0, 1, 2, 5) -> '0-2,5'."""
-    parts, start = [], None
-    for i, d in enumerate(devices):
-        start = d if start is None else start
-        if i + 1 == len(devices) or devices[i + 1] != d + 1:
-            parts.append(str(d) if d == start else f"{start}-{d}")
-            start = None
-    return ",".join(parts)
+def resolve_placement(placement, num_devices: int) -> PlacementPlan:
+    """cluster.placement on a cluster of `num_devices` devices: "collocated" (every role on every device),
+    "disaggregated" (the rollout on the first half of the devices, the training roles on the others) or a spec."""
+    if placement == "collocated":
+        return plan_placement({"actor,rollout,reward": "all"}, num_devices)
+    if placement == "disaggregated":
+        if num_devices < 2:
+            raise PlacementError(f"cluster.placement=disaggregated needs at least 2 devices (cluster.devices), "
+                                 f"this run has {num_devices}")
+        half = num_devices // 2
+        return plan_placement({"rollout": f"0-{half - 1}", "actor": f"{half}-{num_devices - 1}"}, num_devices)
+    return plan_placement(dict(placement), num_devices)

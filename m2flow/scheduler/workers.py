@@ -12,6 +12,7 @@ from m2flow.batch import RolloutBatch
 from m2flow.config import AlgorithmConfig, Config, CriticConfig, RolloutConfig, TrainConfig
 from m2flow.rollout import Engine, GenerateStats, HFEngine, Sample, SamplingParams
 from m2flow.scheduler.devices import Placement, pin
+from m2flow.timeline import Recorder, Span
 from m2flow.training.actor import Actor, init_trainer_group
 from m2flow.training.critic import Critic, load_value_model
 from m2flow.training.checkpoint import load_hf_model, load_trainer, save_hf_checkpoint, save_trainer
@@ -52,9 +53,24 @@ def _trainer_dtype(start: Start, device: str, fsdp: bool) -> tuple[str, torch.dt
     return ("float32", torch.bfloat16) if mixed else (start.dtype, None)
 
 
-class RolloutWorker:
-    def __init__(self, start: Start, r: RolloutConfig, threads: int = 1, placement: Placement | None = None):
+class _Worker:
+    """What every worker shell has: a timeline of what it did (m2flow/timeline.py), drained by the runner."""
+
+    timeline: Recorder
+
+    def _record(self, role: str, rank: int, placement: Placement | None) -> None:
+        self.timeline = Recorder(role, rank, placement.devices if placement else "")
+
+    def drain_timeline(self) -> list[Span]:
+        """The spans recorded since the last call."""
+        return self.timeline.drain()
+
+
+class RolloutWorker(_Worker):
+    def __init__(self, start: Start, r: RolloutConfig, threads: int = 1, placement: Placement | None = None,
+                 rank: int = 0):
         device = _setup(threads, start.seed, placement)
+        self._record("rollout", rank, placement)
         if r.backend == "hf":
             model, tokenizer = load_hf_model(start.model_path, start.dtype)
             self.engine = HFEngine(model.to(device), tokenizer, batch_size=r.engine.max_num_seqs)
@@ -65,29 +81,32 @@ class RolloutWorker:
     def generate(self, prompts: list[str], params: SamplingParams, first_index: int = 0) -> list[Sample]:
         """Generates; with rollout.sleep_between_steps the engine wakes first and frees its KV cache after.
         `first_index`: the global index of prompts[0] (engine replicas; m2flow's engine only)."""
-        if self.sleep_between_steps:
-            self.engine.wake()
-        samples = (self.engine.generate(prompts, params, first_index) if first_index
-                   else self.engine.generate(prompts, params))
-        if self.sleep_between_steps:
-            self.engine.sleep()
+        with self.timeline.span("generate", prompts=len(prompts)):
+            if self.sleep_between_steps:
+                self.engine.wake()
+            samples = (self.engine.generate(prompts, params, first_index) if first_index
+                       else self.engine.generate(prompts, params))
+            if self.sleep_between_steps:
+                self.engine.sleep()
         return samples
 
     def generate_into(self, channel, prompts: list[str], params: SamplingParams, first_index: int = 0) -> int:
         """Streams the samples into `channel` (scheduler/channel.py): each prompt's group, with global prompt
         indices, put as soon as its n samples are done (weighted by their tokens), while the others decode; the
         same samples as generate (m2flow's engine only). Returns the number of groups put."""
-        if self.sleep_between_steps:
-            self.engine.wake()
-        prompt_ids = [self.engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        groups = 0
-        for group in self.engine.stream_groups(prompt_ids, params, first_index):
-            for sample in group:
-                sample.prompt_index += first_index
-            channel.put(group, weight=sum(len(s.prompt_ids) + len(s.token_ids) for s in group))
-            groups += 1
-        if self.sleep_between_steps:
-            self.engine.sleep()
+        with self.timeline.span("generate", prompts=len(prompts)):
+            if self.sleep_between_steps:
+                self.engine.wake()
+            prompt_ids = [self.engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            groups = 0
+            for group in self.engine.stream_groups(prompt_ids, params, first_index):
+                for sample in group:
+                    sample.prompt_index += first_index
+                self.timeline.mark("group", prompt=group[0].prompt_index)
+                channel.put(group, weight=sum(len(s.prompt_ids) + len(s.token_ids) for s in group))
+                groups += 1
+            if self.sleep_between_steps:
+                self.engine.sleep()
         return groups
 
     def load_weight_buckets(self, buckets: list[ray.ObjectRef], policy_version: int) -> None:
@@ -99,7 +118,8 @@ class RolloutWorker:
             for ref in buckets:
                 yield from ray.get(ref).items()
 
-        self.engine.load_weights(weights(), policy_version)
+        with self.timeline.span("weight_sync", buckets=len(buckets)):
+            self.engine.load_weights(weights(), policy_version)
 
     def set_policy_version(self, policy_version: int) -> None:
         """The weights are unchanged but count as version `policy_version` (a step without an update)."""
@@ -110,7 +130,7 @@ class RolloutWorker:
         return getattr(self.engine, "stats", None)
 
 
-class ActorWorker:
+class ActorWorker(_Worker):
     """One rank of the trainer group (train.ranks): with several, they form a gloo process group through the
     file `store` and FSDP2 shards the policy over them; rank 0 returns the full weights and writes files."""
 
@@ -120,25 +140,45 @@ class ActorWorker:
         """`temperature`: the rollout's (the logprobs are those of the distribution it samples)."""
         device = _setup(threads, start.seed, placement, rank, world_size, store)
         self.rank = rank
+        self._record("actor", rank, placement)
         load_dtype, compute_dtype = _trainer_dtype(start, device, train.fsdp)
         model, self.tokenizer = load_hf_model(start.model_path, load_dtype)
         self.actor = Actor(model.to(device), train, algorithm, temperature=temperature, param_dtype=compute_dtype)
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        return self.actor.compute_logprobs(batch)
+        with self.timeline.span("logprobs", rows=len(batch)):
+            return self.actor.compute_logprobs(batch)
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        return self.actor.update(batch)
+        with self.timeline.span("update", rows=len(batch)):
+            return self.actor.update(batch)
+
+    def learn(self, rows: RolloutBatch | None, step_after: bool) -> dict[str, float]:
+        """The streamed update (a pipelined placement): adds the gradients of `rows` (None: none) and, with
+        `step_after`, takes the optimizer step on everything added since the last one. Returns {} or the step's
+        metrics."""
+        if rows is not None:
+            with self.timeline.span("update", rows=len(rows)):
+                self.actor.accumulate(rows)
+        if not step_after:
+            return {}
+        with self.timeline.span("optimizer_step"):
+            return self.actor.optimizer_step()
+
+    def streamed_update_metrics(self) -> dict[str, float]:
+        """The streamed update's metrics over its optimizer steps since the last call, as `update` returns them."""
+        return self.actor.streamed_update_metrics()
 
     def weight_buckets(self, bucket_mb: float) -> tuple[list[ray.ObjectRef], int]:
         """The full weights for the engines, gathered weight by weight (a collective: every rank runs this) into
         buckets of at most `bucket_mb` MiB. Rank 0 puts each bucket into the object store as it is complete and
         returns (the references in order, bytes in all); the other ranks return ([], 0)."""
         refs, total = [], 0
-        for bucket in self.actor.weight_buckets(bucket_mb):
-            if self.rank == 0:
-                refs.append(ray.put(bucket))
-                total += sum(nbytes(t) for t in bucket.values())
+        with self.timeline.span("weight_sync"):
+            for bucket in self.actor.weight_buckets(bucket_mb):
+                if self.rank == 0:
+                    refs.append(ray.put(bucket))
+                    total += sum(nbytes(t) for t in bucket.values())
         return refs, total
 
     def save_checkpoint(self, path: str) -> str:
@@ -153,7 +193,7 @@ class ActorWorker:
         load_trainer(path, self.actor)
 
 
-class ReferenceWorker:
+class ReferenceWorker(_Worker):
     """One rank of the frozen starting policy's group, for the KL term (created only when algorithm.kl_coef > 0):
     train.ranks ranks placed like the actor's, forming their own gloo group through the file `store`; FSDP2 shards
     the weights over them and each computes its share of the rows (training/reference.py)."""
@@ -161,15 +201,17 @@ class ReferenceWorker:
     def __init__(self, start: Start, train: TrainConfig, temperature: float, threads: int = 1,
                  placement: Placement | None = None, rank: int = 0, world_size: int = 1, store: str = ""):
         device = _setup(threads, start.seed, placement, rank, world_size, store)
+        self._record("reference", rank, placement)
         model, _ = load_hf_model(start.model_path, start.dtype)  # frozen: no float32 master weights in bfloat16
         self.reference = Reference(model.to(device), train, temperature=temperature)
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """The whole batch's reference logprobs, on every rank."""
-        return self.reference.compute_logprobs(batch)
+        with self.timeline.span("logprobs", rows=len(batch)):
+            return self.reference.compute_logprobs(batch)
 
 
-class CriticWorker:
+class CriticWorker(_Worker):
     """One rank of PPO's value model group (created only when algorithm.advantage=gae), started from the policy's
     weights: train.ranks ranks placed like the actor's, forming their own gloo group through the file `store`;
     FSDP2 shards the critic over them and its update is data parallel by tokens, as the actor's."""
@@ -178,17 +220,20 @@ class CriticWorker:
                  threads: int = 1, placement: Placement | None = None, rank: int = 0, world_size: int = 1,
                  store: str = ""):
         device = _setup(threads, start.seed, placement, rank, world_size, store)
+        self._record("critic", rank, placement)
         load_dtype, compute_dtype = _trainer_dtype(start, device, train.fsdp)  # as the actor's
         model = load_value_model(start.model_path, load_dtype)
         self.critic = Critic(model.to(device), train, critic, algorithm, param_dtype=compute_dtype)
 
     def compute_values(self, batch: RolloutBatch) -> torch.Tensor:
         """The whole batch's values, on every rank."""
-        return self.critic.compute_values(batch)
+        with self.timeline.span("values", rows=len(batch)):
+            return self.critic.compute_values(batch)
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """The same metrics on every rank (all-reduced)."""
-        return self.critic.update(batch)
+        with self.timeline.span("update", rows=len(batch)):
+            return self.critic.update(batch)
 
     def save_state(self, path: str) -> None:
         """The value model (HF token-classification format) and its optimizer, LR schedule and RNG, in `path`

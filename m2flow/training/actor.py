@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import tempfile
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -94,62 +95,94 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmu
     return optimizer, lr_schedule
 
 
+@dataclass
+class Gradients:
+    """What micro-batches accumulated towards one optimizer step (see `accumulate`): the gradients themselves are
+    in the parameters' .grad, summed over micro-batches, each weighed by its loss weight (tokens or sequences)."""
+
+    weight: float = 0.0  # the loss weight of every row given, trained or skipped (the loss's normaliser)
+    trained: float = 0.0  # of the rows this rank trained on (the metrics' normaliser)
+    sums: dict = field(default_factory=dict)  # metric -> sum of value x weight over this rank's micro-batches
+    finite: bool = True  # every loss so far was finite
+
+
+def accumulate(trainer, rows: RolloutBatch, grads: Gradients) -> None:
+    """Adds the gradients of `rows` (given whole to every rank; each computes its share of the micro-batches) to
+    the parameters' .grad and their weight and metrics to `grads`. A micro-batch's token-mean (or sequence-mean)
+    loss is multiplied by its weight, so a sum over micro-batches in any order and grouping, divided by the total
+    weight in `step`, is the loss of all rows together: streamed micro-batches and a whole mini-batch give the
+    same update. `trainer` has `model`, `_micro_batches(rows)`, `_micro_batch_loss(mb) -> (loss, metrics)` and
+    `_weight(rows)`."""
+    trainer.model.train()
+    rank, size = world()  # data parallel over the trainer's ranks (training/data_parallel.py)
+    grads.weight += trainer._weight(rows)  # of every row, also those _micro_batches skips (advantage 0)
+    for _, mb, real in rank_micro_batches(rows, trainer._micro_batches, rank, size):
+        loss, metrics = trainer._micro_batch_loss(mb)
+        if not real:  # a pass that keeps FSDP2's collectives paired across ranks; no gradient
+            (loss.nan_to_num(0.0) * 0.0).backward()
+            for k in metrics:  # the same metric keys on every rank, for the all-reduce
+                grads.sums.setdefault(k, 0.0)
+            continue
+        weight = trainer._weight(mb)
+        grads.finite &= bool(torch.isfinite(loss.detach()))
+        (loss * weight * size).backward()  # FSDP2 averages gradients over the ranks
+        grads.trained += weight
+        for k, v in metrics.items():
+            grads.sums[k] = grads.sums.get(k, 0.0) + v * weight
+
+
+def step(trainer, grads: Gradients, grad_clip: float) -> dict[str, float]:
+    """One optimizer step from what `accumulate` gathered: the summed gradients divided by the rows' total weight,
+    clipped to `grad_clip`, applied (the .grad stay until the next accumulation starts). A step whose loss or gradient norm is not finite is skipped (no
+    weight or schedule change) and counted in `trainer.bad_steps_in_a_row` (reset by a good step). Returns the
+    step's metrics, averaged over the trained rows' weight, plus grad_norm and skipped (0 or 1)."""
+    sums = all_reduce_sum({**grads.sums, "_trained": grads.trained})
+    trained = sums.pop("_trained") or 1.0  # 0 when the rows hold no loss token at all
+    if grads.weight > 0:
+        for p in trainer.model.parameters():
+            if p.grad is not None:
+                p.grad.div_(grads.weight)
+    finite = all_ranks(grads.finite)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), grad_clip)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    skipped = not (finite and bool(torch.isfinite(grad_norm)))
+    if not skipped:
+        trainer.optimizer.step()
+        trainer.lr_schedule.step()
+        trainer.bad_steps_in_a_row = 0
+    else:  # the weights stay those of the last good step
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.bad_steps_in_a_row += 1
+    return {**{k: v / trained for k, v in sums.items()}, "grad_norm": float(grad_norm), "skipped_steps": float(skipped)}
+
+
+def step_metrics(steps: list[dict[str, float]], trainer, prefix: str) -> dict[str, float]:
+    """The metrics of an update of one or more optimizer steps: averaged over the steps (skipped_steps summed),
+    as `<prefix>/<name>`, plus `<prefix>/lr` and `<prefix>/bad_steps_in_a_row` (which the runner compares with
+    train.max_bad_steps)."""
+    out = {f"{prefix}/{k}": sum(s.get(k, 0.0) for s in steps) / max(len(steps), 1) for k in steps[0]} if steps else {}
+    out[f"{prefix}/skipped_steps"] = sum(s["skipped_steps"] for s in steps)
+    out[f"{prefix}/lr"] = trainer.lr_schedule.get_last_lr()[0]
+    out[f"{prefix}/bad_steps_in_a_row"] = float(trainer.bad_steps_in_a_row)
+    return out
+
+
 def optimize(trainer, batch: RolloutBatch, cfg: TrainConfig, grad_clip: float, prefix: str) -> dict[str, float]:
     """The update loop shared by the actor and the critic: `cfg.epochs` passes over `batch` in a seeded random
     order, `cfg.mini_batches` optimizer steps per pass, each accumulated over micro-batches of
-    `cfg.micro_batch_size` whose losses are weighted by `trainer._share(mb, mini)`. `trainer` has `model`,
-    `optimizer`, `lr_schedule`, `bad_steps_in_a_row`, `_micro_batches(mini)`, `_micro_batch_loss(mb) -> (loss, metrics)`
-    and `_share`. Returns the metrics
-    averaged over optimizer steps, as `<prefix>/<name>`, plus `<prefix>/grad_norm` and `<prefix>/lr`.
-
-    A step whose loss or gradient norm is not finite is skipped (no weight or schedule change) and counted:
-    `<prefix>/skipped_steps` in this call and `<prefix>/bad_steps_in_a_row` (kept in `trainer.bad_steps_in_a_row`
-    across calls, reset by a good step), which the runner compares with train.max_bad_steps."""
-    trainer.model.train()
-    rank, size = world()  # data parallel over the trainer's ranks (training/data_parallel.py)
-    sums: dict[str, float] = {}
-    n_updates = skipped = 0
+    `cfg.micro_batch_size` (`accumulate`, then `step`). Returns the metrics averaged over optimizer steps (see
+    `step_metrics`)."""
+    steps = []
     generator = torch.Generator().manual_seed(int(batch.group_ids.sum()))
     for _ in range(cfg.epochs):
         order = torch.randperm(len(batch), generator=generator)
         for mini in batch.select(order).split(-(-len(batch) // cfg.mini_batches)):
             trainer.optimizer.zero_grad(set_to_none=True)
-            finite, step_sums, trained_share = True, {}, 0.0
-            for _, mb, real in rank_micro_batches(mini, trainer._micro_batches, rank, size):
-                loss, metrics = trainer._micro_batch_loss(mb)
-                if not real:  # a pass that keeps FSDP2's collectives paired across ranks; no gradient
-                    (loss.nan_to_num(0.0) * 0.0).backward()
-                    continue
-                share = trainer._share(mb, mini)  # of the whole mini-batch (all ranks)
-                finite &= bool(torch.isfinite(loss.detach()))
-                (loss * share * size).backward()  # FSDP2 averages gradients over the ranks
-                trained_share += share
-                for k, v in metrics.items():
-                    step_sums[k] = step_sums.get(k, 0.0) + v * share
-            step_sums = all_reduce_sum({**step_sums, "_trained_share": trained_share})
-            # 1 unless rows were skipped (Actor._micro_batches); 0 when the mini-batch has no loss token at all
-            trained_share = step_sums.pop("_trained_share") or 1.0
-            for k, v in step_sums.items():
-                sums[k] = sums.get(k, 0.0) + v / trained_share
-            finite = all_ranks(finite)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), grad_clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            if finite and bool(torch.isfinite(grad_norm)):
-                trainer.optimizer.step()
-                trainer.lr_schedule.step()
-                trainer.bad_steps_in_a_row = 0
-            else:  # the weights stay those of the last good step
-                trainer.optimizer.zero_grad(set_to_none=True)
-                trainer.bad_steps_in_a_row += 1
-                skipped += 1
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-            n_updates += 1
-    out = {f"{prefix}/{k}": v / n_updates for k, v in sums.items()}
-    out[f"{prefix}/lr"] = trainer.lr_schedule.get_last_lr()[0]
-    out[f"{prefix}/skipped_steps"] = float(skipped)
-    out[f"{prefix}/bad_steps_in_a_row"] = float(trainer.bad_steps_in_a_row)
-    return out
+            grads = Gradients()
+            accumulate(trainer, mini, grads)
+            steps.append(step(trainer, grads, grad_clip))
+    return step_metrics(steps, trainer, prefix)
 
 
 class Actor:
@@ -171,7 +204,9 @@ class Actor:
         self.device = device_of(model)  # where it computes (with train.offload its shards then move to the host)
         self.model = apply_fsdp(model, param_dtype, train.offload) if train.fsdp else model
         self.optimizer, self.lr_schedule = make_optimizer(self.model, train.lr, train.weight_decay, train.warmup_steps)
-        self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)
+        self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see step)
+        self.pending: Gradients | None = None  # the streamed update's gradients so far (accumulate)
+        self.streamed_steps: list[dict[str, float]] = []  # the streamed update's optimizer steps' metrics
         self.policy_loss = POLICY_LOSSES.get(algorithm.policy_loss)
         # the KL loss term; with algorithm.kl_in_reward the runner puts the KL into the rewards instead
         use_kl_loss = algorithm.kl_coef > 0 and not algorithm.kl_in_reward
@@ -211,13 +246,33 @@ class Actor:
         micro-batches; every micro-batch's loss is weighted by its share of the mini-batch's tokens."""
         return optimize(self, batch, self.train_cfg, self.train_cfg.grad_clip, "actor")
 
-    def _share(self, mb: RolloutBatch, mini: RolloutBatch) -> float:
-        """The micro-batch's weight in its mini-batch's loss, so that accumulating micro-batch losses gives
-        exactly the mini-batch loss: its share of valid tokens (token-mean) or of non-empty sequences."""
+    def accumulate(self, rows: RolloutBatch) -> None:
+        """The streamed update, as micro-batches arrive: adds the gradients of `rows` (every rank is given all of
+        them) towards the next `optimizer_step`. The rows need advantages and old logprobs; any order and grouping
+        of a mini-batch's rows gives the update `update` would (up to float rounding)."""
+        if self.pending is None:  # the first rows towards a step
+            self.optimizer.zero_grad(set_to_none=True)
+            self.pending = Gradients()
+        accumulate(self, rows, self.pending)
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Steps on what `accumulate` gathered since the last step; the step's metrics (see training/actor.step)."""
+        metrics = step(self, self.pending or Gradients(), self.train_cfg.grad_clip)
+        self.pending = None
+        self.streamed_steps.append(metrics)
+        return metrics
+
+    def streamed_update_metrics(self) -> dict[str, float]:
+        """The metrics of the optimizer steps since the last call, as `update` returns them."""
+        out, self.streamed_steps = step_metrics(self.streamed_steps, self, "actor"), []
+        return out
+
+    def _weight(self, rows: RolloutBatch) -> float:
+        """The rows' weight in the loss of any larger batch holding them, which `accumulate` sums over
+        micro-batches: their valid tokens (token-mean) or non-empty sequences."""
         if self.algo.loss_agg == "token-mean":
-            return float(mb.response_mask.sum() / mini.response_mask.sum().clamp(min=1))
-        count = lambda b: float((b.response_mask.sum(1) > 0).sum())  # noqa: E731
-        return count(mb) / max(count(mini), 1.0)
+            return float(rows.response_mask.sum())
+        return float((rows.response_mask.sum(1) > 0).sum())
 
     def _micro_batch_loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         algo, mb = self.algo, mb.to(self.device)

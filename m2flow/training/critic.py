@@ -61,7 +61,7 @@ class Critic:
         self.model = apply_fsdp(model, param_dtype, train.offload) if train.fsdp else model
         self.optimizer, self.lr_schedule = make_optimizer(self.model, critic.lr, critic.weight_decay,
                                                         critic.warmup_steps)
-        self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see optimize)
+        self.bad_steps_in_a_row = 0  # optimizer steps skipped for a non-finite loss or gradient norm (see training/actor.step)
 
     def _micro_batches(self, mini: RolloutBatch) -> list[tuple[torch.Tensor, RolloutBatch]]:
         return micro_batches(mini, self.train_cfg.micro_batch_size)  # padded rows (the value head is not packed)
@@ -93,9 +93,9 @@ class Critic:
             raise ValueError("critic update needs batch.values (compute_values) and batch.returns (GAE)")
         return optimize(self, batch, self.train_cfg, self.critic_cfg.grad_clip, "critic")
 
-    def _share(self, mb: RolloutBatch, mini: RolloutBatch) -> float:
-        """Token-mean value loss: a micro-batch weighs its share of the mini-batch's valid tokens."""
-        return float(mb.response_mask.sum() / mini.response_mask.sum().clamp(min=1))
+    def _weight(self, rows: RolloutBatch) -> float:
+        """Token-mean value loss: rows weigh their valid tokens (see training/actor.py accumulate)."""
+        return float(rows.response_mask.sum())
 
     def _micro_batch_loss(self, mb: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         mb = mb.to(self.device)

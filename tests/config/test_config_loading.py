@@ -157,7 +157,11 @@ def test_config_error_is_value_error():
         ("algorithm", {"clip_ratio_low": -0.1}, "algorithm.clip_ratio_low"),
         ("algorithm", {"clip_ratio_high": -0.1}, "algorithm.clip_ratio_high"),
         ("model", {"dtype": "float16"}, "model.dtype"),
-        ("cluster", {"placement": "disaggregated"}, "cluster.placement"),
+        ("cluster", {"placement": "pipelined"}, "cluster.placement"),
+        ("cluster", {"placement": {"rollout": "0"}}, "cluster.placement"),  # no actor
+        ("cluster", {"placement": {"rollout": "0", "actor": "0-1"}}, "cluster.placement"),  # partial overlap
+        ("cluster", {"placement": {"rollout": "0", "actor": "2", "trainer": "1"}}, "cluster.placement"),
+        ("cluster", {"placement": {"rollout": "0", "actor": "2"}, "devices": 2}, "cluster.placement"),  # past 0-1
         ("data", {"template": "alpaca"}, "data.template"),
         ("rollout", {"backend": "vllm"}, "rollout.backend"),
         ("rollout", {"backend": "hf", "sleep_between_steps": True}, "rollout.sleep_between_steps"),

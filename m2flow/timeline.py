@@ -1,0 +1,85 @@
+"""The timeline: when each stage ran, per micro-batch, per rank, recorded inside the workers (not from the driver's
+blocking calls), so a run shows where its devices were busy and where they waited.
+
+A worker holds a `Recorder`; `with recorder.span("update", items=3):` records one `Span`, and `recorder.mark(...)`
+an instant (a rollout group finishing). The runner drains every worker's spans after each iteration and appends
+them, with the step, to the run's `timeline.jsonl`, one span per line:
+
+    {"step": 3, "role": "actor", "rank": 0, "devices": "1", "stage": "update", "start": 1764570000.12,
+     "end": 1764570000.52, "items": 3}
+
+`start` / `end` are wall-clock seconds (time.time(), comparable across processes of one machine; across nodes as
+far as their clocks agree). `devices` names the device indices the rank runs on ("0-1": a rank over two).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Span:
+    role: str  # rollout | reward | inference | reference | actor | critic | driver
+    rank: int
+    devices: str  # the device indices the rank runs on, e.g. "0" or "0-1"
+    stage: str  # generate | group | logprobs | values | update | optimizer_step | weight_sync | ...
+    start: float  # time.time() seconds
+    end: float  # == start for an instant (a mark)
+    step: int = 0  # the RL iteration, set by the runner when it writes the span
+    info: dict = field(default_factory=dict)  # e.g. {"items": 3}: written as extra keys
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        return {**{k: v for k, v in out.items() if k != "info"}, **self.info}
+
+    @classmethod
+    def from_json(cls, row: dict) -> "Span":
+        known = {k: row[k] for k in ("role", "rank", "devices", "stage", "start", "end", "step") if k in row}
+        return cls(**known, info={k: v for k, v in row.items() if k not in known})
+
+
+class Recorder:
+    """The spans one rank records until they are drained."""
+
+    def __init__(self, role: str, rank: int = 0, devices: str = ""):
+        self.role, self.rank, self.devices = role, rank, devices
+        self.spans: list[Span] = []
+
+    @contextlib.contextmanager
+    def span(self, stage: str, **info):
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.spans.append(Span(self.role, self.rank, self.devices, stage, start, time.time(), info=info))
+
+    def mark(self, stage: str, **info) -> None:
+        now = time.time()
+        self.spans.append(Span(self.role, self.rank, self.devices, stage, now, now, info=info))
+
+    def drain(self) -> list[Span]:
+        spans, self.spans = self.spans, []
+        return spans
+
+
+def append_spans(path: str, step: int, spans: list[Span]) -> None:
+    """Appends `spans` as iteration `step` to the JSONL file `path` (one flushed write per iteration)."""
+    lines = []
+    for s in sorted(spans, key=lambda s: s.start):
+        s.step = step
+        lines.append(json.dumps(s.to_json()))
+    if lines:
+        with open(path, "a") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def load_spans(path: str) -> list[Span]:
+    """Every span of a timeline.jsonl."""
+    with open(path) as f:
+        return [Span.from_json(json.loads(line)) for line in f if line.strip()]

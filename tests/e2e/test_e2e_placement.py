@@ -1,0 +1,97 @@
+"""One macro flow, three placements (issue 15), on 2 logical CPU devices: collocated (every role on both devices,
+stage by stage), disaggregated (the rollout on device 0, the actor on device 1, rollout groups streamed through a
+channel into the actor's update while the engine still generates) and hybrid (rollout and reference share device 0,
+the actor has device 1). With the same seed and data they give the same samples, the same updates and the same
+final weights (float rounding aside), and in the pipelined placements the timeline shows the actor training before
+the last rollout group is done."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from safetensors.torch import load_file
+
+from m2flow.config import load_config
+from m2flow.gantt import bubble_fraction, report
+from m2flow.runner import run
+from m2flow.timeline import load_spans
+
+from test_e2e_grpo import MICRO  # also registers the e2e_has_digit reward
+
+# 8 prompts x 4 samples, 2 groups per micro-batch: 4 micro-batches stream into one optimizer step per iteration
+FLOW = [o for o in MICRO if not o.startswith(("checkpoint.", "train.steps", "train.mini_batches", "train.prompts"))] + [
+    "train.steps=2", "train.prompts_per_step=8", "train.mini_batches=1", "eval.num_problems=8", "checkpoint.every=0",
+    "cluster.devices=2", "algorithm.kl_coef=0.01",  # a KL term: the reference is a group of its own
+    "rollout.engine.max_num_seqs=4", "rollout.max_new_tokens=32"]  # one group at a time: they finish one by one
+PLACEMENTS = {
+    "collocated": "collocated",
+    "disaggregated": "disaggregated",
+    "hybrid": '{"rollout,inference": "0", "actor": "1"}',
+}
+
+
+def _run(root, name: str) -> dict:
+    cfg = load_config(None, FLOW + [f"cluster.placement={PLACEMENTS[name]}", f"name={name}",
+                                    f"output_dir={root / 'runs'}", f"base.cache_dir={root / 'cache'}"])
+    summary = run(cfg, progress=False)
+    with open(os.path.join(summary["run_dir"], "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "actor/pg_loss" in r]
+    weights = load_file(os.path.join(summary["final_checkpoint"], "model.safetensors"))
+    return {"steps": steps, "weights": weights, "run_dir": summary["run_dir"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("placement")  # one base model for all three
+    return {name: _run(root, name) for name in PLACEMENTS}
+
+
+@pytest.mark.parametrize("name", ["disaggregated", "hybrid"])
+def test_placements_give_the_collocated_update(runs, name):
+    want, got = runs["collocated"], runs[name]
+    assert len(got["steps"]) == len(want["steps"]) == 2
+    for a, b in zip(want["steps"], got["steps"]):
+        assert b["reward/mean"] == a["reward/mean"]  # the same samples: the engines got the same weights at step 2
+        for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/kl", "advantage/abs_mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert max((got["weights"][k] - want["weights"][k]).abs().max().item() for k in want["weights"]) < 1e-5
+
+
+def test_log_names_the_mode(runs):
+    for name, mode in (("collocated", "collocated"), ("disaggregated", "disaggregated"), ("hybrid", "hybrid")):
+        with open(os.path.join(runs[name]["run_dir"], "log.txt")) as f:
+            line = next(x for x in f if "placement:" in x)
+        assert line.rstrip().endswith(f"({mode})"), line
+
+
+@pytest.mark.parametrize("name", ["disaggregated", "hybrid"])
+def test_pipelined_actor_trains_before_the_last_rollout_group(runs, name):
+    spans = [s for s in load_spans(os.path.join(runs[name]["run_dir"], "timeline.jsonl")) if s.step == 2]
+    groups = [s.start for s in spans if s.role == "rollout" and s.stage == "group"]
+    updates = [s for s in spans if s.role == "actor" and s.stage == "update"]
+    assert len(groups) == 8 and len(updates) == 4  # every group, and one update call per micro-batch of 2 groups
+    trainer_work = [s.start for s in spans if s.role in ("actor", "reference") and s.stage in ("logprobs", "update")]
+    assert min(trainer_work) < max(groups)  # inference and training began while the rollout was still generating
+    assert {s.devices for s in spans if s.role == "rollout"} == {"0"}
+    assert {s.devices for s in spans if s.role == "actor"} == {"1"}
+
+
+def test_collocated_runs_stage_by_stage(runs):
+    spans = [s for s in load_spans(os.path.join(runs["collocated"]["run_dir"], "timeline.jsonl")) if s.step == 2]
+    generate_end = max(s.end for s in spans if s.role == "rollout" and s.stage == "generate")
+    assert min(s.start for s in spans if s.role == "actor" and s.stage == "update") >= generate_end
+    assert {s.devices for s in spans if s.role in ("rollout", "actor")} == {"0-1"}
+
+
+def test_report_draws_each_placement(runs):
+    for name in PLACEMENTS:
+        out = report(runs[name]["run_dir"])
+        assert os.path.getsize(out["png"]) > 1000
+        assert 0.0 <= out["bubble_fraction"] < 1.0
+        assert set(out["busy_s"]) == {0, 1}
+    # the sanity of the measure itself: busy time never exceeds the window on any device
+    spans = [s for s in load_spans(os.path.join(runs["disaggregated"]["run_dir"], "timeline.jsonl")) if s.step == 2]
+    b = bubble_fraction(spans)
+    assert all(v <= b["window_s"] + 1e-9 for v in b["busy_s"].values())
