@@ -20,6 +20,7 @@ import torch
 
 from m2flow.batch import RolloutBatch
 from m2flow.config import Config
+from m2flow.faults import stage
 from m2flow.scheduler.channel import Channel
 from m2flow.scheduler.group import WorkerGroup, expected_work, split_by_work
 from m2flow.stages import Round, compute_advantages, informative_rows, logprob_gap, prepare_round
@@ -81,11 +82,12 @@ def streamed_step(cfg: Config, rollout: WorkerGroup, actor: WorkerGroup, referen
     gaps: list[tuple[float, dict]] = []  # (tokens, logprob_gap) of the micro-batches the trainer checked
     advantage_metrics: list[tuple[float, dict]] = []  # (tokens, compute_advantages' token means) per micro-batch
     while received < P:
-        groups = channel.get_batch(float("inf"), min(per_chunk, P - received, per_mini - in_mini))
+        with stage({}, "rollout"):  # a replica that fails stops the wait at once, with its error
+            groups = channel.get_batch(float("inf"), min(per_chunk, P - received, per_mini - in_mini), generating)
         received += len(groups)
         in_mini += len(groups)
         samples = [s for g in groups for s in g]
-        with driver.span("reward", groups=len(groups)):
+        with stage({}, "reward"), driver.span("reward", groups=len(groups)):
             scores, timeouts = score(samples)
             part = prepare_round(RolloutBatch.from_samples(samples, pad_token_id), samples, torch.tensor(scores), cfg,
                                  timeouts=timeouts)
@@ -93,13 +95,14 @@ def streamed_step(cfg: Config, rollout: WorkerGroup, actor: WorkerGroup, referen
         rows = part.batch.select(informative_rows(part.batch)) if cfg.algorithm.filter_groups else part.batch
         step_after = in_mini == per_mini or received == P
         if len(rows):
-            rows_ref = ray.put(rows)
-            ref_refs = reference.remote("compute_logprobs", rows_ref) if reference is not None else None
-            # the trainer's pass: the old logprobs, or (before the step's first optimizer step) a check of the engine's
-            trainer = (ray.get(actor.remote("compute_logprobs", rows_ref)[0])
-                       if not rollout_old or (check_logprobs and not stepped) else None)
-            rows.old_logprobs = rows.rollout_logprobs * rows.response_mask if rollout_old else trainer
-            rows.ref_logprobs = ray.get(ref_refs[0]) if ref_refs else None
+            with stage({}, "logprobs"):
+                rows_ref = ray.put(rows)
+                ref_refs = reference.remote("compute_logprobs", rows_ref) if reference is not None else None
+                # the trainer's pass: the old logprobs, or (before the step's first optimizer step) a check
+                trainer = (ray.get(actor.remote("compute_logprobs", rows_ref)[0])
+                           if not rollout_old or (check_logprobs and not stepped) else None)
+                rows.old_logprobs = rows.rollout_logprobs * rows.response_mask if rollout_old else trainer
+                rows.ref_logprobs = ray.get(ref_refs[0]) if ref_refs else None
             if trainer is not None:  # the engine vs the trainer on the same weights
                 gaps.append((float(rows.response_mask.sum()), logprob_gap(rows, trainer)))
             with driver.span("advantage", rows=len(rows)):
@@ -112,8 +115,10 @@ def streamed_step(cfg: Config, rollout: WorkerGroup, actor: WorkerGroup, referen
         if step_after:
             stepped |= rows_in_mini > 0
             in_mini = rows_in_mini = 0
-    ray.get(generating)  # a replica's error surfaces here, with its traceback
-    ray.get(learning)
+    with stage({}, "rollout"):
+        ray.get(generating)
+    with stage({}, "update"):  # an update call's error (its traceback is in the StageError's cause)
+        ray.get(learning)
     if kept:
         train_metrics |= actor.call("streamed_update_metrics")[0]
     if advantage_metrics:  # token means over all the kept tokens

@@ -59,7 +59,7 @@ from m2flow.pipeline import streamable, streamed_step
 from m2flow.scheduler.channel import Channel
 from m2flow.scheduler.group import WorkerGroup, generate_on_replicas, rank_group
 from m2flow.scheduler.placement import resolve_placement
-from m2flow.timeline import Recorder, append_spans
+from m2flow.timeline import Recorder, append_spans, drop_spans_after
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker, Start
 from m2flow.stages import (
     Round,
@@ -272,6 +272,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         before, totals, first_step = EvalResult(**state["before"]), state["totals"], state["step"] + 1
         benchmarks_before = state.get("benchmarks_before", {})
         metrics_log = MetricsLogger(run_dir, resume_after=state["step"])  # drops rows logged after the checkpoint
+        drop_spans_after(timeline_path, state["step"])
         log.info("resumed at step %d of %d", first_step, cfg.train.steps)
 
     def save_checkpoint(step: int) -> None:

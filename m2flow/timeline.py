@@ -83,3 +83,15 @@ def load_spans(path: str) -> list[Span]:
     """Every span of a timeline.jsonl."""
     with open(path) as f:
         return [Span.from_json(json.loads(line)) for line in f if line.strip()]
+
+
+def drop_spans_after(path: str, step: int) -> None:
+    """Keeps only the spans of steps <= `step` in the JSONL file `path` (a resumed run redoes the later steps);
+    rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    from m2flow.io import atomic_write_text
+
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(kept))

@@ -107,3 +107,28 @@ def test_timeouts_raise_and_name_the_channel(local_ray):
     ch.close()
     with pytest.raises(ValueError, match="capacity of at least 1"):
         Channel("bad", capacity=0)
+
+
+@ray.remote(num_cpus=0)
+def _produce_then_fail(ch: Channel) -> None:
+    ch.put("first")
+    raise ValueError("the producer broke")
+
+
+def test_a_failing_producer_stops_the_wait_at_once(local_ray):
+    """A consumer that names its producers gets a producer's error as soon as it fails, not the channel's timeout
+    (600 s here): the items put before the failure are still delivered first."""
+    import time
+
+    ch = Channel("failing", timeout_s=600)
+    producer = _produce_then_fail.remote(ch)
+    assert ch.get_batch(0, 1, producers=[producer]) == ["first"]
+    began = time.monotonic()
+    with pytest.raises(ray.exceptions.RayTaskError, match="the producer broke"):
+        ch.get_batch(0, 1, producers=[producer])
+    assert time.monotonic() - began < 60  # well before the channel's timeout: no hang
+    ch.close()  # (the abandoned get is cancelled: the run that lost a producer stops, and so does its channel)
+    ch = Channel("finishing", timeout_s=600)
+    ok = _produce.remote(ch, 0, 2)  # a producer that finishes without error is waited past, not raised
+    assert ch.get_batch(2, 2, producers=[ok]) == [(0, 0), (0, 1)]
+    ch.close()

@@ -128,3 +128,53 @@ def test_killed_trainer_worker_stops_the_run(tmp_path, capsys):
     status = json.loads((tmp_path / "runs" / run_dir / "status.json").read_text())
     assert status["status"] == "failed" and status["stage"] == "timeline"
     assert set(descendants(os.getpid())) <= before  # Ray and the reward workers are gone
+
+
+_rollout_kill_calls = [0]
+
+
+def reward_killing_the_rollout(response: str, ground_truth: str, **_options) -> float:
+    """Scores the held-out evaluation, then kills this run's engine replica (SIGKILL) at the first training reward."""
+    import signal
+
+    from m2flow.scheduler.orphans import descendants
+
+    _rollout_kill_calls[0] += 1
+    if _rollout_kill_calls[0] == EVAL_PROBLEMS + 1:
+        for pid, _ in descendants(os.getppid()):
+            try:
+                if open(f"/proc/{pid}/comm").read().startswith("ray::RolloutWor"):
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    return 0.0
+
+
+if "faults_killing_rollout" not in REWARDS:
+    register_reward("faults_killing_rollout")(reward_killing_the_rollout)
+
+
+@pytest.mark.parametrize("reward,worker", [("faults_killing", "ActorWorker"),
+                                           ("faults_killing_rollout", "RolloutWorker")])
+def test_killed_worker_stops_a_pipelined_run(tmp_path, capsys, reward, worker):
+    """Disaggregated and pipelined (rollout on device 0, trainer on device 1, groups streamed through a channel):
+    a worker killed mid-run stops the run well within the channel's timeout, with one line naming the stage and
+    the dead worker, exit 1, status.json failed, and no Ray process left behind."""
+    import time
+
+    from m2flow.cli import main
+    from m2flow.scheduler.orphans import descendants
+
+    micro = _micro(tmp_path, reward) + ["cluster.devices=2", "cluster.placement=disaggregated", "rollout.n=2",
+                                        "train.prompts_per_step=4", "train.micro_batch_size=2"]
+    before = set(descendants(os.getpid()))
+    began = time.monotonic()
+    assert main(["train", *micro, "--no-progress"]) == 1
+    assert time.monotonic() - began < 300  # the channel's timeout is 600 s: a lost producer does not hang the run
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("m2flow: run failed:"))
+    assert f"failed in {worker} (pid " in line and "whose process died" in line, line
+    (run_dir,) = os.listdir(tmp_path / "runs")
+    status = json.loads((tmp_path / "runs" / run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["stage"]
+    assert set(descendants(os.getpid())) <= before

@@ -95,10 +95,25 @@ class Channel:
         """The oldest item (blocks until there is one)."""
         return self.get_batch(0.0, 1)[0]
 
-    def get_batch(self, target_weight: float, max_items: int = 1 << 30) -> list:
-        """The oldest items whose weights add up to `target_weight` (at least one item), at most `max_items`."""
-        taken = ray.get(self.queue.get_batch.remote(float(target_weight), max_items, self.timeout_s))
-        return ray.get([refs[0] for refs, _ in taken])
+    def get_batch(self, target_weight: float, max_items: int = 1 << 30, producers: list | None = None) -> list:
+        """The oldest items whose weights add up to `target_weight` (at least one item), at most `max_items`.
+        `producers`: the ObjectRefs of the calls that put into this channel; while waiting, one that fails raises
+        its error here at once (a producer that died puts nothing more: waiting for the timeout would only hang); the
+        waiting get is cancelled, and a get cancelled after it took items loses them: a consumer that lost a producer
+        is expected to stop, not to read on."""
+        taking = self.queue.get_batch.remote(float(target_weight), max_items, self.timeout_s)
+        watched = list(producers or [])
+        while True:
+            ready, _ = ray.wait([taking, *watched], num_returns=1)
+            if taking in ready:
+                break
+            try:
+                ray.get(ready)  # a finished producer: raises its error if it failed
+            except BaseException:
+                ray.cancel(taking)  # the waiting get must not take later items for nobody
+                raise
+            watched = [p for p in watched if p not in ready]
+        return ray.get([refs[0] for refs, _ in ray.get(taking)])
 
     def stats(self) -> dict:
         """{queued, weight, puts, gets}: what the channel holds and has moved."""
