@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from safetensors.torch import load_file
@@ -43,8 +44,12 @@ def _run(root, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("placement")  # one base model for all three
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("placement")  # one base model for every run here
+
+
+@pytest.fixture(scope="module")
+def runs(root):
     return {name: _run(root, name) for name in PLACEMENTS}
 
 
@@ -95,3 +100,38 @@ def test_report_draws_each_placement(runs):
     spans = [s for s in load_spans(os.path.join(runs["disaggregated"]["run_dir"], "timeline.jsonl")) if s.step == 2]
     b = bubble_fraction(spans)
     assert all(v <= b["window_s"] + 1e-9 for v in b["busy_s"].values())
+
+
+@pytest.mark.slow  # about 2-3 minutes on 2 cores: three simulated nodes share them
+def test_disaggregated_over_three_nodes_gives_the_one_node_result(runs, root, tmp_path):
+    """A simulated 3-node Ray cluster (ray.cluster_utils.Cluster, one CPU each): the rollout on node 0's device,
+    the actor and the reference as 2-rank groups over the devices of nodes 1 and 2, groups streamed across nodes
+    through the channel. The same updates and final weights as the one-node collocated run."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        cfg = load_config(None, FLOW + ['cluster.placement={rollout: "0", actor: "1-2"}', "cluster.devices=3",
+                                        "train.ranks=2", f"cluster.address={cluster.address}", "cluster.num_cpus=null",
+                                        "name=three-nodes", f"output_dir={tmp_path / 'runs'}",
+                                        f"base.cache_dir={root / 'cache'}"])
+        summary = run(cfg, progress=False)
+    finally:
+        cluster.shutdown()
+    with open(os.path.join(summary["run_dir"], "log.txt")) as f:
+        log = f.read()
+    assert "(disaggregated)" in log and len(set(re.findall(r"node (\w+) cores", log))) == 3
+    spans = load_spans(os.path.join(summary["run_dir"], "timeline.jsonl"))
+    assert {s.devices for s in spans if s.role == "actor"} == {"1", "2"}
+    with open(os.path.join(summary["run_dir"], "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "actor/pg_loss" in r]
+    weights = load_file(os.path.join(summary["final_checkpoint"], "model.safetensors"))
+    want = runs["collocated"]
+    for a, b in zip(want["steps"], steps):
+        assert b["reward/mean"] == a["reward/mean"]
+        for key in ("actor/pg_loss", "actor/grad_norm", "actor/kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert max((weights[k] - want["weights"][k]).abs().max().item() for k in weights) < 1e-5
