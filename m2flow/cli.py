@@ -51,7 +51,8 @@ Needs TRL: pip install -e ".[bench]"."""
 
 BENCH_PLACEMENT_HELP = """Placement modes against each other: the same RL experiment (CONFIG, default the demo; same seed and
 data) run for --steps steps with cluster.devices=--devices and cluster.placement set to each of --modes (collocated,
-disaggregated, or an RLinf spec such as '{rollout: "0", actor: "1"}'), for each workload: rollout_heavy (a long
+disaggregated, or an RLinf spec such as '{rollout: "0", actor: "1"}'; `+key=value` after a mode adds overrides of
+its own, e.g. disaggregated+algorithm.max_staleness=1 for one-step off-policy), for each workload: rollout_heavy (a long
 tail of response lengths), training_heavy (the trainer dominates) or demo (the config as it is). Prints per workload
 the median iteration seconds over steps 2..N, iterations/s, the ratio to collocated measured in the same bench, and
 the rollout and update medians; writes benchmarks/results/placement-<machine>.json and .md. Checkpoints are off and
@@ -165,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     vt.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides (e.g. algorithm.filter_groups=false); m2flow's side runs with them")
     bp = bench_sub.add_parser("placement", help=BENCH_PLACEMENT_HELP.split("\n")[0], description=BENCH_PLACEMENT_HELP)
-    bp.add_argument("--modes", default="collocated,disaggregated",
-                    help="comma-separated cluster.placement values; collocated is the baseline (default: "
-                         "collocated,disaggregated)")
+    bp.add_argument("--modes", default="collocated,disaggregated,disaggregated+algorithm.max_staleness=1",
+                    help="comma-separated cluster.placement values, each optionally followed by +key=value overrides "
+                         "of its own; collocated is the baseline (default: collocated, disaggregated, and "
+                         "disaggregated one-step off-policy: disaggregated+algorithm.max_staleness=1)")
     bp.add_argument("--workloads", default="rollout_heavy,training_heavy",
                     help="comma-separated: rollout_heavy, training_heavy, demo (default: rollout_heavy,training_heavy)")
     bp.add_argument("--steps", type=int, default=6, help="RL steps per run; steps 2..N are timed (default: 6)")

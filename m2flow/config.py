@@ -126,6 +126,7 @@ class AlgorithmConfig:
     value_clip: Optional[float] = None  # critic (gae): clip values to within this of their rollout-time values in the value loss; null = off
     overlong_filter: bool = False  # mask truncated responses (finish reason "length") out of the loss
     dynamic_sampling_max_tries: int = 1  # with filter_groups: generation rounds per step to fill train.prompts_per_step informative groups (DAPO dynamic sampling); 1 = no resampling
+    max_staleness: int = 0  # 0 = on-policy; 1 = one-step off-policy: step k+1's rollout is generated while step k trains, by the weights of step k-1 (needs a pipelined placement: disaggregated or hybrid); samples carry their policy version, rollout/staleness logs it, and the PPO ratio is taken against the engine's logprobs of the policy that sampled them
 
 
 @dataclass
@@ -287,6 +288,8 @@ def validate(cfg: Config) -> None:
                               ("data.bad_rows", cfg.data.bad_rows, BAD_ROWS),
                               ("train.old_logprobs", cfg.train.old_logprobs, OLD_LOGPROBS)]:
         check(value in valid, f"{key} must be one of {', '.join(valid)}; got {value!r}")
+    check(a.max_staleness in (0, 1), f"algorithm.max_staleness must be 0 (on-policy) or 1 (one-step off-policy), "
+                                     f"got {a.max_staleness}")
     placement = cfg.cluster.placement
     check(isinstance(placement, dict) or placement in PLACEMENTS,
           f"cluster.placement must be one of {', '.join(PLACEMENTS)} or a spec mapping roles to devices (e.g. "
@@ -295,9 +298,23 @@ def validate(cfg: Config) -> None:
         from m2flow.scheduler.placement import PlacementError, plan_placement
 
         try:
-            plan_placement(placement, cfg.cluster.devices or 1 << 20)
+            mode = plan_placement(placement, cfg.cluster.devices or 1 << 20).mode
         except PlacementError as e:
             raise ConfigError(str(e)) from None
+    else:
+        mode = placement
+    if a.max_staleness:
+        from m2flow.pipeline import streamable
+        from m2flow.stages import old_logprobs_from_rollout
+
+        check(mode != "collocated", "algorithm.max_staleness=1 overlaps the next step's rollout with this step's "
+                                    "update on devices of their own: it needs cluster.placement disaggregated or "
+                                    "hybrid, got collocated")
+        why_not = streamable(cfg, old_logprobs_from_rollout(cfg))
+        check(not why_not, f"algorithm.max_staleness=1 needs a streamed pipeline, but {why_not}")
+        check(old_logprobs_from_rollout(cfg), "algorithm.max_staleness=1 takes the PPO ratio against the sampling "
+                                              "policy's logprobs: it needs train.old_logprobs=rollout (or auto with "
+                                              "model.dtype=float32)")
     from m2flow.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
     from m2flow.rewards import REWARDS
 

@@ -57,20 +57,39 @@ class StreamedStep:
     train_batch: RolloutBatch  # the kept rows that were trained on
     filter_metrics: dict[str, float]
     train_metrics: dict[str, float]
+    engine_stats: object  # the replicas' GenerateStats of this generation, summed
+    rollout_spans: list  # the replicas' timeline spans, returned with their generate calls
 
 
-def streamed_step(cfg: Config, rollout: WorkerGroup, actor: WorkerGroup, reference: WorkerGroup | None,
-                  channel: Channel, prompts: list[str], prompt_tokens: list[int], params,
-                  score: Callable[[list], tuple[list[float], int]], pad_token_id: int, rollout_old: bool,
-                  check_logprobs: bool, driver: Recorder) -> StreamedStep:
-    """One iteration over `prompts` (sampled with `params`): generation streamed from the replicas through
-    `channel`, each micro-batch of groups scored (`score(samples) -> (scores, timeouts)`), filtered
-    (algorithm.filter_groups), given old (the engine's when `rollout_old`, else the actor's) and reference
-    logprobs and advantages, and added to the actor's update, which steps after each mini-batch's groups."""
-    P, n = len(prompts), params.n
+@dataclass
+class Generation:
+    """A step's generation, started on the engine replicas (their generate_into calls), streaming into a channel."""
+
+    prompt_ids: list[int]  # the step's prompts, as indices into the task's training problems
+    calls: list  # the replicas' generate_into ObjectRefs (each: the number of groups it put)
+    params: object  # the SamplingParams (n samples per prompt)
+
+
+def start_generation(rollout: WorkerGroup, channel: Channel, prompt_ids: list[int], prompts: list[str],
+                     prompt_tokens: list[int], params) -> Generation:
+    """`prompts` split over the replicas by expected work, each replica streaming its groups into `channel`.
+    Calls queue on each replica behind its earlier ones (a weight sync submitted before runs before)."""
     shares = split_by_work(expected_work(prompt_tokens, params), len(rollout))
-    generating = [rollout.ranks[r].generate_into.remote(channel, prompts[s.start:s.stop], params, first_index=s.start)
-                  for r, s in enumerate(shares)]
+    calls = [rollout.ranks[r].generate_into.remote(channel, prompts[s.start:s.stop], params, first_index=s.start)
+             for r, s in enumerate(shares)]
+    return Generation(prompt_ids, calls, params)
+
+
+def streamed_step(cfg: Config, generation: Generation, actor: WorkerGroup, reference: WorkerGroup | None,
+                  channel: Channel, score: Callable[[list], tuple[list[float], int]], pad_token_id: int,
+                  rollout_old: bool, check_logprobs: bool, driver: Recorder,
+                  on_generated: Callable[[], None] = lambda: None) -> StreamedStep:
+    """One iteration over a started `generation`: its groups taken from `channel` as they finish, each
+    micro-batch of groups scored (`score(samples) -> (scores, timeouts)`), filtered (algorithm.filter_groups),
+    given old (the engine's when `rollout_old`, else the actor's) and reference logprobs and advantages, and added
+    to the actor's update, which steps after each mini-batch's groups. `on_generated()` runs once every group
+    is in (one-step off-policy starts the next step's generation there)."""
+    P, n, generating = len(generation.prompt_ids), generation.params.n, generation.calls
     per_chunk = max(1, cfg.train.micro_batch_size // n)  # groups per micro-batch
     per_mini = -(-P // cfg.train.mini_batches)  # groups per optimizer step
     parts: list[Round] = []
@@ -115,8 +134,10 @@ def streamed_step(cfg: Config, rollout: WorkerGroup, actor: WorkerGroup, referen
         if step_after:
             stepped |= rows_in_mini > 0
             in_mini = rows_in_mini = 0
-    with stage({}, "rollout"):
-        ray.get(generating)
+        if received == P:
+            with stage({}, "rollout"):
+                done = ray.get(generating)  # each replica's (groups, engine stats, timeline spans)
+            on_generated()
     with stage({}, "update"):  # an update call's error (its traceback is in the StageError's cause)
         ray.get(learning)
     if kept:
@@ -138,4 +159,6 @@ def streamed_step(cfg: Config, rollout: WorkerGroup, actor: WorkerGroup, referen
         n_kept = len(torch.unique(train_batch.group_ids)) if kept else 0
         filter_metrics = {"batch/sampling_rounds": 1.0, "batch/dropped_groups": float(P - n_kept),
                           "batch/kept_groups": float(n_kept)}
-    return StreamedStep([whole], train_batch, filter_metrics, train_metrics)
+    stats = [d[1] for d in done]
+    return StreamedStep([whole], train_batch, filter_metrics, train_metrics,
+                        None if stats[0] is None else sum(stats[1:], stats[0]), [s for d in done for s in d[2]])

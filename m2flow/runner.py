@@ -55,7 +55,7 @@ from m2flow.resume import (
 from m2flow.rollout import SamplingParams
 from m2flow.scheduler.cluster import start_ray, stop_ray
 from m2flow.scheduler.devices import Device, check_devices, place, release_devices, run_devices
-from m2flow.pipeline import streamable, streamed_step
+from m2flow.pipeline import Generation, start_generation, streamable, streamed_step
 from m2flow.scheduler.channel import Channel
 from m2flow.scheduler.group import WorkerGroup, generate_on_replicas, rank_group
 from m2flow.scheduler.placement import resolve_placement
@@ -233,11 +233,19 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         into the object store; each replica fetches and loads the buckets one at a time. The driver handles only
         the references. Returns the weight_sync/ metrics (GiB moved to each replica, and per second)."""
         began = time.perf_counter()
+        ray.get(loading)  # the last step's sync, when it was not waited for
+        loading.clear()
         refs, total = actor.call("weight_buckets", cfg.train.weight_sync_bucket_mb)[0]  # rank 0's
-        rollout.call("load_weight_buckets", refs, version)  # inside a list, the references are passed as they are
-        seconds = time.perf_counter() - began
-        return {"weight_sync/gb": total / GB, "weight_sync/gb_per_s": total / GB / max(seconds, 1e-9),
-                "weight_sync/buckets": float(len(refs))}
+        loads = rollout.remote("load_weight_buckets", refs, version)  # in a list: the references are passed as such
+        metrics = {"weight_sync/gb": total / GB, "weight_sync/buckets": float(len(refs))}
+        if off_policy:  # the replicas load after the generation they run now (the next step's): not waited for
+            loading.extend(loads)
+            return metrics
+        ray.get(loads)
+        return metrics | {"weight_sync/gb_per_s": total / GB / max(time.perf_counter() - began, 1e-9)}
+
+    off_policy = cfg.algorithm.max_staleness > 0
+    loading: list = []  # the replicas' weight loads not waited for yet (one-step off-policy)
 
     sampler = PromptSampler(len(task.train), cfg.seed)
     rollout_old = old_logprobs_from_rollout(cfg)
@@ -252,6 +260,15 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
             channel = Channel(f"rollout-{os.getpid()}", capacity=cfg.train.prompts_per_step)
             workers.append(channel.queue) if workers is not None else None
     driver = Recorder("driver")  # the driver's own stages (reward, advantage) on the timeline
+    ahead, sampler_before_ahead = None, None  # one-step off-policy: the next step's generation, started early
+
+    def generation_of(step: int) -> Generation:
+        """Step `step`'s prompts drawn and their generation started on the replicas, streaming into the channel."""
+        ids = sampler.next(cfg.train.prompts_per_step)
+        prompts = [prompt(task.train[i]) for i in ids]
+        return start_generation(rollout, channel, ids, prompts, [len(x) for x in tokenizer(prompts).input_ids],
+                                dataclasses.replace(sampling, seed=round_seed(cfg.seed, step, 0)))
+
     timeline_path = os.path.join(run_dir, "timeline.jsonl")
     if checkpoint is None:
         metrics_log = MetricsLogger(run_dir)
@@ -274,13 +291,18 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         metrics_log = MetricsLogger(run_dir, resume_after=state["step"])  # drops rows logged after the checkpoint
         drop_spans_after(timeline_path, state["step"])
         log.info("resumed at step %d of %d", first_step, cfg.train.steps)
+        if off_policy:
+            log.warning("algorithm.max_staleness=1: the resumed run samples step %d with the checkpoint's weights, "
+                        "where the straight run used the step before's; it continues close to, not exactly as, "
+                        "the straight run", first_step)
 
     def save_checkpoint(step: int) -> None:
         def write_parts(tmp: str) -> None:
             ray.get([*actor.remote("save_state", tmp)] +
                     (critic.remote("save_state", os.path.join(tmp, CRITIC)) if critic is not None else []))
         write_checkpoint(run_dir, step, write_parts, {
-            "policy_version": step, "sampler": sampler.state(), "rng": rng_state(), "totals": totals,
+            "policy_version": step, "sampler": sampler_before_ahead if ahead is not None else sampler.state(),
+            "rng": rng_state(), "totals": totals,
             "before": dataclasses.asdict(before), "benchmarks_before": benchmarks_before, "base_model": model_path},
             cfg.checkpoint.keep_last)
 
@@ -343,17 +365,26 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                                          group_offset=r * cfg.train.prompts_per_step, timeouts=timeouts)
 
             if channel is not None:  # pipelined: micro-batches flow into the update while generation goes on
-                ids = sampler.next(cfg.train.prompts_per_step)
-                prompts = [prompt(task.train[i]) for i in ids]
+                generation, ahead = ahead or generation_of(step), None
+
+                def generate_ahead() -> None:
+                    """One-step off-policy: step + 1 starts sampling (with these weights) once this step's groups
+                    are all in, while this step trains; a checkpoint keeps the sampler as it was before."""
+                    nonlocal ahead, sampler_before_ahead
+                    if off_policy and step < cfg.train.steps:
+                        sampler_before_ahead = sampler.state()
+                        ahead = generation_of(step + 1)
+
+                ids = generation.prompt_ids
                 with stage(times, "pipeline"):
                     streamed = streamed_step(
-                        cfg, rollout, actor, reference, channel, prompts, [len(x) for x in tokenizer(prompts).input_ids],
-                        dataclasses.replace(sampling, seed=round_seed(cfg.seed, step, 0)),
+                        cfg, generation, actor, reference, channel,
                         lambda samples: scorer([s.text for s in samples], [task.train[ids[s.prompt_index]].answer
                                                                            for s in samples]),
-                        tokenizer.pad_token_id, rollout_old, check_logprobs(step), driver)
-                    stats = rollout.call("stats")
-                    engine_stats.append(None if stats[0] is None else sum(stats[1:], stats[0]))
+                        # (off-policy, the engine's weights are a step behind the trainer's: nothing to check)
+                        tokenizer.pad_token_id, rollout_old, check_logprobs(step) and not off_policy, driver,
+                        generate_ahead)
+                engine_stats.append(streamed.engine_stats)
                 rounds, train_batch = streamed.rounds, streamed.train_batch
                 filter_metrics, train_metrics = streamed.filter_metrics, streamed.train_metrics
             else:  # stage by stage over the whole batch
@@ -363,11 +394,15 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
                 with stage(times, "weight_sync"):
                     train_metrics |= sync_weights(step)
             else:  # no update, the same weights: the engines only take the new version number
-                rollout.call("set_policy_version", step)
+                loading.extend(rollout.remote("set_policy_version", step))
+                if not off_policy:
+                    ray.get(loading)
+                    loading.clear()
 
         with stage({}, "timeline"):  # what every worker did this step, when (timeline.jsonl; `m2flow report`)
-            append_spans(timeline_path, step, driver.drain() + [s for g in groups for spans in g.call("drain_timeline")
-                                                                for s in spans])
+            drained = [g for g in groups if channel is None or g is not rollout]  # a pipeline's came with its calls
+            append_spans(timeline_path, step, driver.drain() + (streamed.rollout_spans if channel is not None else [])
+                         + [s for g in drained for spans in g.call("drain_timeline") for s in spans])
         samples = [s for r in rounds for s in r.samples]
         metrics = {**batch_metrics(rounds, train_batch, cfg, step), **filter_metrics, **train_metrics, **times}
         if engine_stats[0] is not None:  # m2flow's engine: prefix sharing, preemptions, decode batch size
@@ -386,6 +421,8 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", len=f"{metrics['response/length_mean']:.0f}",
                         s=f"{times['time/step']:.1f}")
 
+    with stage({}, "weight_sync"):
+        ray.get(loading)  # the last step's weights are in the engines
     after, benchmarks_after = held_out_eval(), benchmark_eval(cfg.train.steps)
     metrics_log.log(cfg.train.steps, eval_metrics(after, benchmarks_after))
     metrics_log.close()

@@ -197,6 +197,17 @@ def test_cli_parses(monkeypatch, tmp_path, capsys):
                     "out_dir": str(tmp_path), "progress": False}
     assert main(["bench", "placement", "rollout.n=4", "--workloads", "demo", "--devices", "1"]) == 0
     assert seen["config"] is None and seen["overrides"] == ["rollout.n=4"] and seen["workloads"] == ["demo"]
-    assert seen["modes"] == ["collocated", "disaggregated"] and seen["devices"] == 1 and seen["steps"] == 6
+    assert seen["modes"] == ["collocated", "disaggregated", "disaggregated+algorithm.max_staleness=1"]
+    assert seen["devices"] == 1 and seen["steps"] == 6
     assert main(["bench", "placement", "--workloads", "nope"]) == 2
     assert main(["bench", "placement", "--steps", "1"]) == 2
+
+
+def test_a_mode_carries_its_own_overrides():
+    from m2flow.bench.placement import mode_overrides
+
+    assert mode_overrides("collocated") == ["cluster.placement=collocated"]
+    assert mode_overrides("disaggregated+algorithm.max_staleness=1") == ["cluster.placement=disaggregated",
+                                                                         "algorithm.max_staleness=1"]
+    assert mode_overrides('{rollout: "0", actor: "1"} + train.lr=1e-4') == ['cluster.placement={rollout: "0", actor: "1"}',
+                                                                           "train.lr=1e-4"]

@@ -176,6 +176,13 @@ def split_modes(text: str) -> list[str]:
     return [m for m in out if m]
 
 
+def mode_overrides(mode: str) -> list[str]:
+    """A mode's config overrides: its placement, then any `+key=value` terms after it
+    ("disaggregated+algorithm.max_staleness=1": the disaggregated placement, one-step off-policy)."""
+    placement, *extra = mode.split("+")
+    return [f"cluster.placement={placement.strip()}", *(e.strip() for e in extra if e.strip())]
+
+
 def machine_tag(device: str = "auto") -> str:
     """The result files' machine name: cpu-<cores>cores, or the GPU's name and count (as other benches name it)."""
     if device != "cpu":
@@ -238,7 +245,7 @@ def run_placement_benchmark(workloads: list[str], modes: list[str], steps: int =
             common = [*w.overrides, *bench_overrides(steps, devices), *overrides]
             data, info = w.data_overrides(load_config(config_path, common), data_dir)
             configs = [(mode, load_config(config_path, [*common, *data, f"name=placement-{name}",
-                                                        f"cluster.placement={mode}"])) for mode in modes]
+                                                        *mode_overrides(mode)])) for mode in modes]
             plans.append((w, info, [*common, *data], configs))
         device = plans[0][3][0][1].cluster.device
         results, total, done = [], len(workloads) * len(modes), 0

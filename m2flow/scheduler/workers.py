@@ -90,10 +90,12 @@ class RolloutWorker(_Worker):
                 self.engine.sleep()
         return samples
 
-    def generate_into(self, channel, prompts: list[str], params: SamplingParams, first_index: int = 0) -> int:
+    def generate_into(self, channel, prompts: list[str], params: SamplingParams,
+                      first_index: int = 0) -> tuple[int, GenerateStats | None, list[Span]]:
         """Streams the samples into `channel` (scheduler/channel.py): each prompt's group, with global prompt
         indices, put as soon as its n samples are done (weighted by their tokens), while the others decode; the
-        same samples as generate (m2flow's engine only). Returns the number of groups put."""
+        same samples as generate (m2flow's engine only). Returns (the number of groups put, the engine's stats of
+        this call, the timeline's spans since it was last drained)."""
         with self.timeline.span("generate", prompts=len(prompts)):
             if self.sleep_between_steps:
                 self.engine.wake()
@@ -107,7 +109,9 @@ class RolloutWorker(_Worker):
                 groups += 1
             if self.sleep_between_steps:
                 self.engine.sleep()
-        return groups
+        # the engine's stats and the timeline come with the result: the replica may be generating the next step
+        # by the time the driver asks (one-step off-policy), and a call would wait behind that
+        return groups, self.stats(), self.timeline.drain()
 
     def load_weight_buckets(self, buckets: list[ray.ObjectRef], policy_version: int) -> None:
         """The trainer's weights, from the object store (ActorWorker.weight_buckets), loaded in place bucket by

@@ -135,3 +135,32 @@ def test_disaggregated_over_three_nodes_gives_the_one_node_result(runs, root, tm
         for key in ("actor/pg_loss", "actor/grad_norm", "actor/kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert max((weights[k] - want["weights"][k]).abs().max().item() for k in weights) < 1e-5
+
+
+def test_one_step_off_policy_overlaps_the_next_rollout_with_the_update(root):
+    """algorithm.max_staleness=1, disaggregated: step k+1's samples are generated (by the weights of step k-1)
+    while step k trains. Staleness 0 at step 1 (nothing to overlap yet), 1 after; the timeline shows the next
+    step's generation running during this step's update; the run completes with its final checkpoint."""
+    cfg = load_config(None, FLOW + ["train.steps=3", "cluster.placement=disaggregated", "algorithm.max_staleness=1",
+                                    "name=off-policy", f"output_dir={root / 'runs'}", f"base.cache_dir={root / 'cache'}"])
+    summary = run(cfg, progress=False)
+    with open(os.path.join(summary["run_dir"], "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "actor/pg_loss" in r]
+    assert [s["rollout/staleness"] for s in steps] == [0.0, 1.0, 1.0]
+    assert [s["rollout/policy_version"] for s in steps] == [0.0, 0.0, 1.0]
+    spans = load_spans(os.path.join(summary["run_dir"], "timeline.jsonl"))
+    third = next(s for s in spans if s.step == 3 and s.role == "rollout" and s.stage == "generate")
+    second_updates = [s for s in spans if s.step == 2 and s.role == "actor" and s.stage == "update"]
+    assert third.start < max(u.end for u in second_updates) and third.end > min(u.start for u in second_updates)
+    assert os.path.isfile(os.path.join(summary["final_checkpoint"], "model.safetensors"))
+
+
+def test_off_policy_needs_a_pipelined_placement():
+    from m2flow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="max_staleness=1 .* needs cluster.placement disaggregated or hybrid"):
+        load_config(None, ["algorithm.max_staleness=1"])
+    with pytest.raises(ConfigError, match="max_staleness=1 needs a streamed pipeline, but train.epochs > 1"):
+        load_config(None, ["algorithm.max_staleness=1", "cluster.placement=disaggregated", "train.epochs=2"])
+    with pytest.raises(ConfigError, match="algorithm.max_staleness must be 0"):
+        load_config(None, ["algorithm.max_staleness=2"])

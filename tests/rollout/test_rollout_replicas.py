@@ -72,7 +72,9 @@ def test_two_replicas_equal_one(tmp_path, make_micro_model, tokenizer, chat_prom
         puts = [rank.generate_into.remote(channel, prompts[a:b], PARAMS, first_index=a)
                 for rank, (a, b) in zip(groups[1].ranks, [(0, 2), (2, 5)])]
         streamed = [channel.get() for _ in range(5)]
-        assert sorted(ray.get(puts)) == [2, 3]
+        done = ray.get(puts)  # (groups put, the call's engine stats, its timeline spans)
+        assert sorted(d[0] for d in done) == [2, 3]
+        assert all(d[1].prompt_tokens > 0 and [s.stage for s in d[2]][0] == "generate" for d in done)
         assert all(len(g) == 3 and len({s.prompt_index for s in g}) == 1 for g in streamed)
         assert _same(one, [s for g in sorted(streamed, key=lambda g: g[0].prompt_index) for s in g])
         channel.close()
