@@ -211,3 +211,21 @@ def test_a_mode_carries_its_own_overrides():
                                                                          "algorithm.max_staleness=1"]
     assert mode_overrides('{rollout: "0", actor: "1"} + train.lr=1e-4') == ['cluster.placement={rollout: "0", actor: "1"}',
                                                                            "train.lr=1e-4"]
+
+
+def test_a_mode_that_does_not_apply_is_reported_not_run(tmp_path):
+    """One-step off-policy needs a streamed pipeline: with train.epochs=4 (training_heavy) its row says why."""
+    from m2flow.bench.placement import run_placement_benchmark
+
+    def fake(cfg, progress):
+        run_dir = tmp_path / f"run-{cfg.cluster.placement}-{cfg.algorithm.max_staleness}"
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "time/step": 2.0}}\n' for s in (1, 2, 3)))
+        return {"run_dir": str(run_dir)}
+
+    result = run_placement_benchmark(["training_heavy"], ["collocated", "disaggregated+algorithm.max_staleness=1"],
+                                     steps=3, out_dir=str(tmp_path / "out"), progress=False, run_fn=fake)
+    rows = result["workloads"][0]["rows"]
+    assert rows[0]["iteration_s"] == 2.0
+    assert rows[1]["error"].startswith("not run: algorithm.max_staleness=1 needs a streamed pipeline")
+    assert "not run: algorithm.max_staleness=1" in result["table"]

@@ -35,7 +35,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
-from m2flow.config import Config, load_config
+from m2flow.config import Config, ConfigError, load_config
 from m2flow.io import atomic_write_text
 from m2flow.metrics import read_metrics
 
@@ -207,7 +207,8 @@ def format_table(workload: dict, steps: int) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for r in workload["rows"]:
         if r.get("error"):
-            lines.append(f"| {r['mode']} | failed: {r['error'][:200]} | | | | | |")
+            error = r["error"] if r["error"].startswith("not run") else f"failed: {r['error']}"
+            lines.append(f"| {r['mode']} | {error[:200]} | | | | | |")
             continue
         speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         lines.append(f"| {r['mode']} | {fmt(r['iteration_s'], '.2f')} | {fmt(r['iterations_per_s'], '.3f')} | "
@@ -244,15 +245,23 @@ def run_placement_benchmark(workloads: list[str], modes: list[str], steps: int =
             w = WORKLOADS[name]
             common = [*w.overrides, *bench_overrides(steps, devices), *overrides]
             data, info = w.data_overrides(load_config(config_path, common), data_dir)
-            configs = [(mode, load_config(config_path, [*common, *data, f"name=placement-{name}",
-                                                        *mode_overrides(mode)])) for mode in modes]
+            configs = []
+            for mode in modes:  # a mode that does not apply to this workload is reported, not run
+                try:
+                    configs.append((mode, load_config(config_path, [*common, *data, f"name=placement-{name}",
+                                                                    *mode_overrides(mode)])))
+                except ConfigError as e:
+                    configs.append((mode, f"not run: {e}"))
             plans.append((w, info, [*common, *data], configs))
-        device = plans[0][3][0][1].cluster.device
+        device = next(c.cluster.device for p in plans for _, c in p[3] if not isinstance(c, str))
         results, total, done = [], len(workloads) * len(modes), 0
         for w, info, used, configs in plans:
             rows = []
             for mode, cfg in configs:
                 done += 1
+                if isinstance(cfg, str):  # the reason it does not apply
+                    rows.append({"mode": mode, "error": cfg})
+                    continue
                 print(f"m2flow bench placement: {w.name}, {mode} ({done} of {total})", flush=True)
                 try:
                     summary = run_fn(cfg, progress)
