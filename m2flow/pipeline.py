@@ -1,13 +1,11 @@
-"""The pipelined iteration of a disaggregated or hybrid placement (M2Flow's macro-to-micro flow): the rollout
-replicas put each prompt's group into a channel as soon as its n samples are done, and the driver turns every few
-groups into a micro-batch that flows on through reward, group filter, logprobs (reference) and advantage into the
-actor's streamed update, while the engines keep generating the rest. The update stays on-policy: the micro-batches'
-gradients accumulate and the optimizer steps once per mini-batch (train.mini_batches of the step's groups, in
-arrival order); the weights sync after the step.
+"""The rollout of a pipelined placement (disaggregated, hybrid): the engine replicas put each prompt's group into
+a channel as soon as its n samples are done, and `StreamedRollout` turns every few groups into a scored, filtered
+micro-batch for the rest of the macro flow (m2flow/flow.py), while the engines keep generating the rest. The
+micro-batches are cut at mini-batch boundaries (train.mini_batches of the step's groups, in arrival order), where
+the actor's streamed update takes its optimizer step: the update stays on-policy.
 
-The same stages as the collocated iteration (runner.py), in the same order per micro-batch; only the granularity
-differs, so with train.mini_batches=1 both give the same update (float rounding aside): every advantage used here
-is a function of one group (`streamable` says when that holds), and a mini-batch's loss is the sum of its
+With train.mini_batches=1 the update is the collocated one (float rounding aside): every advantage used here is a
+function of one group (`streamable` says when that holds), and a mini-batch's loss is the sum of its
 micro-batches' summed losses over its total weight (training/actor.accumulate)."""
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from m2flow.config import Config
 from m2flow.faults import stage
 from m2flow.scheduler.channel import Channel
 from m2flow.scheduler.group import WorkerGroup, expected_work, split_by_work
-from m2flow.stages import Round, compute_advantages, informative_rows, logprob_gap, prepare_round
+from m2flow.stages import Micro, Round, informative_rows, prepare_round
 from m2flow.timeline import Recorder
 
 GROUP_LOCAL_ADVANTAGES = ("grpo", "dr_grpo", "rloo")  # a group's advantages depend on that group's scores alone
@@ -50,18 +48,6 @@ def streamable(cfg: Config, rollout_old: bool) -> str:
 
 
 @dataclass
-class StreamedStep:
-    """What one pipelined iteration produced, as the collocated one does (runner.py)."""
-
-    rounds: list[Round]  # one: the whole generated round, in arrival order
-    train_batch: RolloutBatch  # the kept rows that were trained on
-    filter_metrics: dict[str, float]
-    train_metrics: dict[str, float]
-    engine_stats: object  # the replicas' GenerateStats of this generation, summed
-    rollout_spans: list  # the replicas' timeline spans, returned with their generate calls
-
-
-@dataclass
 class Generation:
     """A step's generation, started on the engine replicas (their generate_into calls), streaming into a channel."""
 
@@ -80,85 +66,68 @@ def start_generation(rollout: WorkerGroup, channel: Channel, prompt_ids: list[in
     return Generation(prompt_ids, calls, params)
 
 
-def streamed_step(cfg: Config, generation: Generation, actor: WorkerGroup, reference: WorkerGroup | None,
-                  channel: Channel, score: Callable[[list], tuple[list[float], int]], pad_token_id: int,
-                  rollout_old: bool, check_logprobs: bool, driver: Recorder,
-                  on_generated: Callable[[], None] = lambda: None) -> StreamedStep:
-    """One iteration over a started `generation`: its groups taken from `channel` as they finish, each
-    micro-batch of groups scored (`score(samples) -> (scores, timeouts)`), filtered (algorithm.filter_groups),
-    given old (the engine's when `rollout_old`, else the actor's) and reference logprobs and advantages, and added
-    to the actor's update, which steps after each mini-batch's groups. `on_generated()` runs once every group
-    is in (one-step off-policy starts the next step's generation there)."""
-    P, n, generating = len(generation.prompt_ids), generation.params.n, generation.calls
-    per_chunk = max(1, cfg.train.micro_batch_size // n)  # groups per micro-batch
-    per_mini = -(-P // cfg.train.mini_batches)  # groups per optimizer step
-    parts: list[Round] = []
-    kept: list[RolloutBatch] = []
-    train_metrics: dict[str, float] = {}
-    learning: list = []  # the actor's learn calls (their errors surface when waited for)
-    received = in_mini = rows_in_mini = 0
-    stepped = False  # an optimizer step was taken this iteration
-    gaps: list[tuple[float, dict]] = []  # (tokens, logprob_gap) of the micro-batches the trainer checked
-    advantage_metrics: list[tuple[float, dict]] = []  # (tokens, compute_advantages' token means) per micro-batch
-    while received < P:
-        with stage({}, "rollout"):  # a replica that fails stops the wait at once, with its error
-            groups = channel.get_batch(float("inf"), min(per_chunk, P - received, per_mini - in_mini), generating)
-        received += len(groups)
-        in_mini += len(groups)
-        samples = [s for g in groups for s in g]
-        with stage({}, "reward"), driver.span("reward", groups=len(groups)):
-            scores, timeouts = score(samples)
-            part = prepare_round(RolloutBatch.from_samples(samples, pad_token_id), samples, torch.tensor(scores), cfg,
-                                 timeouts=timeouts)
-        parts.append(part)
-        rows = part.batch.select(informative_rows(part.batch)) if cfg.algorithm.filter_groups else part.batch
-        step_after = in_mini == per_mini or received == P
-        if len(rows):
-            with stage({}, "logprobs"):
-                rows_ref = ray.put(rows)
-                ref_refs = reference.remote("compute_logprobs", rows_ref) if reference is not None else None
-                # the trainer's pass: the old logprobs, or (before the step's first optimizer step) a check
-                trainer = (ray.get(actor.remote("compute_logprobs", rows_ref)[0])
-                           if not rollout_old or (check_logprobs and not stepped) else None)
-                rows.old_logprobs = rows.rollout_logprobs * rows.response_mask if rollout_old else trainer
-                rows.ref_logprobs = ray.get(ref_refs[0]) if ref_refs else None
-            if trainer is not None:  # the engine vs the trainer on the same weights
-                gaps.append((float(rows.response_mask.sum()), logprob_gap(rows, trainer)))
-            with driver.span("advantage", rows=len(rows)):
-                advantage_metrics.append((float(rows.response_mask.sum()), compute_advantages(rows, cfg)))
-            learning += actor.remote("learn", ray.put(rows), step_after)
-            kept.append(rows)
+class StreamedRollout:
+    """A step's rollout as micro-batches: iterating takes the started `generation`'s groups from `channel` as they
+    finish, `train.micro_batch_size / n` at a time (never across a mini-batch boundary), scores them
+    (`score(samples) -> (scores, timeouts)`), shapes and filters them (algorithm.filter_groups), and yields each as
+    a `Micro`: its kept rows (None when all were filtered out but the mini-batch ends there), whether the optimizer
+    steps after it, and whether the trainer checks the engine's logprobs on it (`check`, only before the step's
+    first optimizer step: later the trainer's weights have moved). `on_generated()` runs once every group is in
+    (one-step off-policy starts the next step's generation there). After the last micro-batch, `rounds` holds the
+    whole round (in arrival order), `filter_metrics` what the filter dropped, `engine_stats` the replicas' summed
+    GenerateStats and `spans` their timeline spans (which came back with their generate calls)."""
+
+    def __init__(self, cfg: Config, generation: Generation, channel: Channel,
+                 score: Callable[[list], tuple[list[float], int]], pad_token_id: int, check: bool, driver: Recorder,
+                 times: dict[str, float], on_generated: Callable[[], None] = lambda: None):
+        self.cfg, self.generation, self.channel, self.score = cfg, generation, channel, score
+        self.pad_token_id, self.check, self.driver, self.times, self.on_generated = (pad_token_id, check, driver,
+                                                                                      times, on_generated)
+        self.rounds: list[Round] = []
+        self.filter_metrics: dict[str, float] = {}
+        self.engine_stats = None
+        self.spans: list = []
+
+    def __iter__(self):
+        cfg, P, n = self.cfg, len(self.generation.prompt_ids), self.generation.params.n
+        per_chunk = max(1, cfg.train.micro_batch_size // n)  # groups per micro-batch
+        per_mini = -(-P // cfg.train.mini_batches)  # groups per optimizer step
+        parts: list[Round] = []
+        received = in_mini = rows_in_mini = kept_groups = 0
+        stepped = False  # an optimizer step was taken this iteration
+        while received < P:
+            with stage(self.times, "rollout"):  # waiting for groups; a replica that fails stops the wait at once
+                groups = self.channel.get_batch(float("inf"), min(per_chunk, P - received, per_mini - in_mini),
+                                                self.generation.calls)
+            received += len(groups)
+            in_mini += len(groups)
+            samples = [s for g in groups for s in g]
+            with stage(self.times, "reward"), self.driver.span("reward", groups=len(groups)):
+                scores, timeouts = self.score(samples)
+                part = prepare_round(RolloutBatch.from_samples(samples, self.pad_token_id), samples,
+                                     torch.tensor(scores), cfg, timeouts=timeouts)
+            parts.append(part)
+            rows = part.batch.select(informative_rows(part.batch)) if cfg.algorithm.filter_groups else part.batch
+            kept_groups += len(torch.unique(rows.group_ids)) if len(rows) else 0
             rows_in_mini += len(rows)
-        elif step_after and rows_in_mini:  # the mini-batch's last groups were all filtered out
-            learning += actor.remote("learn", None, True)
-        if step_after:
-            stepped |= rows_in_mini > 0
-            in_mini = rows_in_mini = 0
-        if received == P:
-            with stage({}, "rollout"):
-                done = ray.get(generating)  # each replica's (groups, engine stats, timeline spans)
-            on_generated()
-    with stage({}, "update"):  # an update call's error (its traceback is in the StageError's cause)
-        ray.get(learning)
-    if kept:
-        train_metrics |= actor.call("streamed_update_metrics")[0]
-    if advantage_metrics:  # token means over all the kept tokens
-        tokens = sum(t for t, _ in advantage_metrics) or 1.0
-        train_metrics |= {k: sum(t * m[k] for t, m in advantage_metrics) / tokens for k in advantage_metrics[0][1]}
-    if gaps:  # over every checked token
-        tokens = sum(t for t, _ in gaps) or 1.0
-        train_metrics["rollout/logprob_abs_diff"] = sum(t * g["rollout/logprob_abs_diff"] for t, g in gaps) / tokens
-        train_metrics["rollout/logprob_max_abs_diff"] = max(g["rollout/logprob_max_abs_diff"] for _, g in gaps)
-    whole = Round(RolloutBatch.concat([p.batch for p in parts], pad_token_id), [s for p in parts for s in p.samples],
-                  torch.cat([p.raw_scores for p in parts]), torch.cat([p.lengths for p in parts]),
-                  None if parts[0].overlong_penalty is None else torch.cat([p.overlong_penalty for p in parts]),
-                  sum(p.timeouts for p in parts))
-    train_batch = RolloutBatch.concat(kept, pad_token_id) if kept else whole.batch.select(torch.tensor([], dtype=torch.long))
-    filter_metrics = {}
-    if cfg.algorithm.filter_groups:
-        n_kept = len(torch.unique(train_batch.group_ids)) if kept else 0
-        filter_metrics = {"batch/sampling_rounds": 1.0, "batch/dropped_groups": float(P - n_kept),
-                          "batch/kept_groups": float(n_kept)}
-    stats = [d[1] for d in done]
-    return StreamedStep([whole], train_batch, filter_metrics, train_metrics,
-                        None if stats[0] is None else sum(stats[1:], stats[0]), [s for d in done for s in d[2]])
+            step_after = in_mini == per_mini or received == P
+            if received == P:
+                with stage(self.times, "rollout"):
+                    done = ray.get(self.generation.calls)  # each replica's (groups, engine stats, timeline spans)
+                self.on_generated()
+            if len(rows) or (step_after and rows_in_mini):  # (a step on what the mini-batch's earlier rows added)
+                yield Micro(rows if len(rows) else None, step_after, self.check and not stepped)
+            if step_after:
+                stepped |= rows_in_mini > 0
+                in_mini = rows_in_mini = 0
+        self.rounds = [Round(RolloutBatch.concat([p.batch for p in parts], self.pad_token_id),
+                             [s for p in parts for s in p.samples], torch.cat([p.raw_scores for p in parts]),
+                             torch.cat([p.lengths for p in parts]),
+                             None if parts[0].overlong_penalty is None else torch.cat([p.overlong_penalty for p in parts]),
+                             sum(p.timeouts for p in parts))]
+        if cfg.algorithm.filter_groups:
+            self.filter_metrics = {"batch/sampling_rounds": 1.0, "batch/dropped_groups": float(P - kept_groups),
+                                   "batch/kept_groups": float(kept_groups)}
+        stats = [d[1] for d in done]
+        self.engine_stats = None if stats[0] is None else sum(stats[1:], stats[0])
+        self.spans = [s for d in done for s in d[2]]

@@ -36,6 +36,16 @@ class Round:
     timeouts: int = 0  # responses whose scoring ran past reward.timeout_s (scored -reward.format_penalty)
 
 
+@dataclasses.dataclass
+class Micro:
+    """A micro-batch on its way from the rollout to the update: the whole step's batch in a collocated placement,
+    a few groups in a pipelined one."""
+
+    rows: RolloutBatch | None  # kept rows, scored and shaped (None: no rows, only the mini-batch's end)
+    step_after: bool = True  # the optimizer steps once these rows' gradients are in (the end of a mini-batch)
+    check: bool = False  # the trainer also computes these rows' logprobs, to compare with the engine's
+
+
 def round_seed(seed: int, step: int, r: int) -> int:
     """Sampling seed of round r of a step; round 0 keeps the seed a step had before dynamic sampling."""
     return seed * 1_000_003 + step + r * (1 << 32)
