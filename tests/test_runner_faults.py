@@ -85,29 +85,39 @@ def test_failing_reward_worker_stops_the_run(tmp_path, capsys):
     assert status["status"] == "failed" and status["stage"] == "reward"
 
 
-_kill_calls = [0]
-
-
-def reward_killing_the_trainer(response: str, ground_truth: str, **_options) -> float:
-    """Scores the held-out evaluation, then kills the trainer's Ray worker with SIGKILL (as the OOM killer would)
-    at the first training reward: the next stage that needs it finds it dead."""
+def _kill_at_first_training_reward(calls: list[int], process: str) -> float:
+    """Counts a reward call; at the first training reward (after the held-out evaluation's), kills this run's Ray
+    workers whose process name starts with `process` with SIGKILL (as the OOM killer would): the next stage that
+    needs them finds them dead."""
     import signal
 
     from m2flow.scheduler.orphans import descendants
 
-    _kill_calls[0] += 1
-    if _kill_calls[0] == EVAL_PROBLEMS + 1:  # this run's trainer only: a descendant of the driver (our parent)
+    calls[0] += 1
+    if calls[0] == EVAL_PROBLEMS + 1:  # this run's workers only: descendants of the driver (our parent)
         for pid, _ in descendants(os.getppid()):
             try:
-                if open(f"/proc/{pid}/comm").read().startswith("ray::ActorWorke"):
+                if open(f"/proc/{pid}/comm").read().startswith(process):
                     os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
     return 0.0
 
 
+_kill_calls, _rollout_kill_calls = [0], [0]
+
+
+def reward_killing_the_trainer(response: str, ground_truth: str, **_options) -> float:
+    return _kill_at_first_training_reward(_kill_calls, "ray::ActorWorke")
+
+
+def reward_killing_the_rollout(response: str, ground_truth: str, **_options) -> float:
+    return _kill_at_first_training_reward(_rollout_kill_calls, "ray::RolloutWor")
+
+
 if "faults_killing" not in REWARDS:
     register_reward("faults_killing")(reward_killing_the_trainer)
+    register_reward("faults_killing_rollout")(reward_killing_the_rollout)
 
 
 def test_killed_trainer_worker_stops_the_run(tmp_path, capsys):
@@ -128,30 +138,6 @@ def test_killed_trainer_worker_stops_the_run(tmp_path, capsys):
     status = json.loads((tmp_path / "runs" / run_dir / "status.json").read_text())
     assert status["status"] == "failed" and status["stage"] == "timeline"
     assert set(descendants(os.getpid())) <= before  # Ray and the reward workers are gone
-
-
-_rollout_kill_calls = [0]
-
-
-def reward_killing_the_rollout(response: str, ground_truth: str, **_options) -> float:
-    """Scores the held-out evaluation, then kills this run's engine replica (SIGKILL) at the first training reward."""
-    import signal
-
-    from m2flow.scheduler.orphans import descendants
-
-    _rollout_kill_calls[0] += 1
-    if _rollout_kill_calls[0] == EVAL_PROBLEMS + 1:
-        for pid, _ in descendants(os.getppid()):
-            try:
-                if open(f"/proc/{pid}/comm").read().startswith("ray::RolloutWor"):
-                    os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-    return 0.0
-
-
-if "faults_killing_rollout" not in REWARDS:
-    register_reward("faults_killing_rollout")(reward_killing_the_rollout)
 
 
 @pytest.mark.parametrize("reward,worker", [("faults_killing", "ActorWorker"),
