@@ -50,7 +50,7 @@ from m2flow.scheduler.group import WorkerGroup, rank_group
 from m2flow.scheduler.placement import resolve_placement
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker, Start
 from m2flow.stages import batch_metrics, old_logprobs_from_rollout
-from m2flow.timeline import Recorder, append_spans, drop_spans_after
+from m2flow.timeline import Recorder, append_spans, drop_spans_after, memory_metrics
 from m2flow.training.warm_start import ensure_base_model
 
 log = logging.getLogger(__name__)
@@ -253,10 +253,10 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
         it = flow.iteration(step)
         with stage({}, "timeline"):  # what every worker did this step, when (timeline.jsonl; `m2flow report`)
             drained = [g for g in groups if channel is None or g is not rollout]  # a pipeline's came with its calls
-            append_spans(timeline_path, step, driver.drain() + it.spans
-                         + [s for g in drained for spans in g.call("drain_timeline") for s in spans])
+            spans = [*driver.drain(), *it.spans, *(s for g in drained for ss in g.call("drain_timeline") for s in ss)]
+            append_spans(timeline_path, step, spans)
         samples = [s for r in it.rounds for s in r.samples]
-        metrics = {**batch_metrics(it.rounds, it.train_batch, cfg, step), **it.metrics}
+        metrics = {**batch_metrics(it.rounds, it.train_batch, cfg, step), **it.metrics, **memory_metrics(spans)}
         seconds = metrics["time/step"]
         totals["samples"] += len(samples)
         totals["tokens"] += int(sum(r.lengths.sum() for r in it.rounds))

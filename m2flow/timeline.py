@@ -9,7 +9,9 @@ them, with the step, to the run's `timeline.jsonl`, one span per line:
      "end": 1764570000.52, "items": 3}
 
 `start` / `end` are wall-clock seconds (time.time(), comparable across processes of one machine; across nodes as
-far as their clocks agree). `devices` names the device indices the rank runs on ("0-1": a rank over two).
+far as their clocks agree). `devices` names the device indices the rank runs on ("0-1": a rank over two). Every
+span also records the rank's memory when it ended: `rss_gb`, the process's resident memory, and on a GPU
+`device_gb`, what torch holds there; `memory_metrics` turns a step's spans into each role's peak.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -55,7 +58,8 @@ class Recorder:
         try:
             yield
         finally:
-            self.spans.append(Span(self.role, self.rank, self.devices, stage, start, time.time(), info=info))
+            end = time.time()
+            self.spans.append(Span(self.role, self.rank, self.devices, stage, start, end, info={**info, **memory()}))
 
     def mark(self, stage: str, **info) -> None:
         now = time.time()
@@ -64,6 +68,33 @@ class Recorder:
     def drain(self) -> list[Span]:
         spans, self.spans = self.spans, []
         return spans
+
+
+def memory() -> dict[str, float]:
+    """This process's memory now: {"rss_gb": resident memory} (Linux; {} elsewhere), plus {"device_gb": what
+    torch has allocated on its GPU} when CUDA is in use."""
+    out = {}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss_gb"] = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30, 4)
+    except (OSError, ValueError):
+        pass
+    torch = sys.modules.get("torch")  # (not imported here: a process without torch has no GPU memory to report)
+    if torch is not None and torch.cuda.is_initialized():
+        out["device_gb"] = round(torch.cuda.memory_allocated() / 2**30, 4)
+    return out
+
+
+def memory_metrics(spans: list[Span]) -> dict[str, float]:
+    """A step's peak memory per role, over the ends of its ranks' spans: memory/<role>_rss_gb (the largest rank's
+    resident memory) and, on GPUs, memory/<role>_device_gb."""
+    out: dict[str, float] = {}
+    for s in spans:
+        for key in ("rss_gb", "device_gb"):
+            if key in s.info and s.role != "driver":
+                name = f"memory/{s.role}_{key}"
+                out[name] = max(out.get(name, 0.0), float(s.info[key]))
+    return out
 
 
 def append_spans(path: str, step: int, spans: list[Span]) -> None:

@@ -90,6 +90,16 @@ def test_collocated_runs_stage_by_stage(runs):
     assert {s.devices for s in spans if s.role in ("rollout", "actor")} == {"0-1"}
 
 
+@pytest.mark.parametrize("name", list(PLACEMENTS))
+def test_each_steps_memory_per_role_is_logged(runs, name):
+    """Per phase, every rank's resident memory is on its spans, and each step logs each role's peak."""
+    for step in runs[name]["steps"]:
+        for role in ("rollout", "actor", "reference"):
+            assert 0.05 < step[f"memory/{role}_rss_gb"] < 64, (role, step)
+    spans = load_spans(os.path.join(runs[name]["run_dir"], "timeline.jsonl"))
+    assert all(s.info["rss_gb"] > 0 for s in spans if s.end > s.start and s.role != "driver")
+
+
 def test_report_draws_each_placement(runs):
     for name in PLACEMENTS:
         out = report(runs[name]["run_dir"])

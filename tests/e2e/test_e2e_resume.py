@@ -30,8 +30,8 @@ RESUME = [o for o in MICRO if not o.startswith(("checkpoint.", "train.steps"))] 
     "algorithm.advantage=gae", "algorithm.kl_coef=0.05", "critic.lr=1e-3", "algorithm.whiten_advantages=true",
     "eval.num_problems=8",
 ]
-# wall-clock measurements differ between any two runs
-VOLATILE = ("time/", "throughput/", "rollout/engine_seconds", "weight_sync/gb_per_s")
+# wall-clock and memory measurements differ between any two runs
+VOLATILE = ("time/", "throughput/", "rollout/engine_seconds", "weight_sync/gb_per_s", "memory/")
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
