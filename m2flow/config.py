@@ -310,11 +310,11 @@ def validate(cfg: Config) -> None:
         check(mode != "collocated", "algorithm.max_staleness=1 overlaps the next step's rollout with this step's "
                                     "update on devices of their own: it needs cluster.placement disaggregated or "
                                     "hybrid, got collocated")
-        why_not = streamable(cfg, old_logprobs_from_rollout(cfg))
+        rollout_old = old_logprobs_from_rollout(cfg)
+        why_not = streamable(cfg, rollout_old)
         check(not why_not, f"algorithm.max_staleness=1 needs a streamed pipeline, but {why_not}")
-        check(old_logprobs_from_rollout(cfg), "algorithm.max_staleness=1 takes the PPO ratio against the sampling "
-                                              "policy's logprobs: it needs train.old_logprobs=rollout (or auto with "
-                                              "model.dtype=float32)")
+        check(rollout_old, "algorithm.max_staleness=1 takes the PPO ratio against the sampling policy's logprobs: "
+                           "it needs train.old_logprobs=rollout (or auto with model.dtype=float32)")
     from m2flow.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
     from m2flow.rewards import REWARDS
 

@@ -107,7 +107,7 @@ class Flow:
         times: dict[str, float] = {}
         means, metrics, kept = TokenMeans(), {}, []
         with timer(times, "step"):
-            rollout = self.whole_batch(step, times) if self.channel is None else self.streamed(step, times)
+            rollout = WholeBatchRollout(self, step, times) if self.channel is None else self.streamed(step, times)
             for micro in rollout:  # the whole batch, or micro-batches of groups as the engines finish them
                 self.logprobs(micro, means, times)  # old (the engine's or the trainer's), reference, values
                 self.advantage(micro, means, times)
@@ -127,9 +127,6 @@ class Flow:
                          rollout.spans)
 
     # -- the rollout, at the placement's granularity ------------------------------------------------------------
-
-    def whole_batch(self, step: int, times: dict[str, float]) -> "WholeBatchRollout":
-        return WholeBatchRollout(self, step, times)
 
     def streamed(self, step: int, times: dict[str, float]) -> StreamedRollout:
         generation, self.ahead = self.ahead or self.generation(step), None

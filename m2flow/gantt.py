@@ -17,10 +17,9 @@ stream (rollout's tail, the weight sync).
 
 from __future__ import annotations
 
-import json
 import os
 
-from m2flow.timeline import Span
+from m2flow.timeline import Span, load_spans
 
 ROLE_ORDER = ("rollout", "inference", "reward", "reference", "actor", "critic", "driver")
 # Known stages first, in flow order, so a stage keeps its color from run to run; others follow, sorted.
@@ -169,20 +168,10 @@ def plot_gantt(spans: list[Span], path: str, title: str) -> None:
 
 
 def _load(path: str) -> list[Span]:
-    """The spans of a timeline.jsonl (as timeline.load_spans), except that a last line cut short (a run killed
-    while writing) is dropped; any other bad line is a ValueError naming the file and line."""
+    """The spans of a timeline.jsonl (timeline.load_spans); a missing or empty file is a ValueError saying so."""
     if not os.path.exists(path):
         raise ValueError(f"{path}: no such file (a run writes its timeline.jsonl as iterations finish)")
-    with open(path) as f:
-        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-    spans = []
-    for i, (n, line) in enumerate(lines):
-        try:
-            spans.append(Span.from_json(json.loads(line)))
-        except (ValueError, TypeError) as e:
-            if i == len(lines) - 1 and not line.endswith("\n"):
-                break
-            raise ValueError(f"{path}:{n}: not a timeline span ({e})") from None
+    spans = load_spans(path)
     if not spans:
         raise ValueError(f"{path} is empty: no iteration has finished yet")
     return spans

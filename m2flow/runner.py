@@ -168,16 +168,18 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     scorer = RewardScorer(get_reward(cfg.reward.name), cfg.reward.timeout_s, timeout_score(cfg.reward.format_penalty),
                           {"format_penalty": cfg.reward.format_penalty}, pool)
     prompt = lambda p: format_prompt(p.question, tokenizer, cfg.data.template)  # noqa: E731
+    rollout_old = old_logprobs_from_rollout(cfg)
     log.info("old logprobs: %s", "the rollout engine's (train.old_logprobs=recompute for a trainer pass)"
-             if old_logprobs_from_rollout(cfg) else "a trainer pass")
+             if rollout_old else "a trainer pass")
     channel = None  # a pipelined placement's: rollout groups, from the replicas to the driver, as they finish
     if plan.mode != "collocated":
-        why_not = streamable(cfg, old_logprobs_from_rollout(cfg))
+        why_not = streamable(cfg, rollout_old)
         if why_not:
             log.warning("placement %s: the update waits for the whole batch, as collocated: %s", plan.mode, why_not)
         else:
             channel = Channel(f"rollout-{os.getpid()}", capacity=cfg.train.prompts_per_step)
-            workers.append(channel.queue) if workers is not None else None
+            if workers is not None:
+                workers.append(channel.queue)
     driver = Recorder("driver")  # the driver's own stages (reward, advantage) on the timeline
     flow = Flow(cfg, rollout, actor, reference, critic, task, tokenizer, prompt, scorer, channel, driver)
     held_out = task.held_out[: cfg.eval.num_problems]

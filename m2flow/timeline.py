@@ -111,18 +111,26 @@ def append_spans(path: str, step: int, spans: list[Span]) -> None:
 
 
 def load_spans(path: str) -> list[Span]:
-    """Every span of a timeline.jsonl."""
+    """Every span of a timeline.jsonl. A last line cut short (a run killed while appending) is dropped; any other
+    line that is not a span is a ValueError naming the file and line."""
     with open(path) as f:
-        return [Span.from_json(json.loads(line)) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    spans = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            spans.append(Span.from_json(json.loads(line)))
+        except (ValueError, TypeError) as e:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{n}: not a timeline span ({e})") from None
+    return spans
 
 
 def drop_spans_after(path: str, step: int) -> None:
-    """Keeps only the spans of steps <= `step` in the JSONL file `path` (a resumed run redoes the later steps);
-    rewritten atomically."""
+    """Keeps only the spans of steps <= `step` in the JSONL file `path` (a resumed run redoes the later steps, and
+    a line its killed predecessor cut short goes too); rewritten atomically."""
     if not os.path.exists(path):
         return
     from m2flow.io import atomic_write_text
 
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(kept))
+    atomic_write_text(path, "".join(json.dumps(s.to_json()) + "\n" for s in load_spans(path) if s.step <= step))

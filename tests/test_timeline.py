@@ -3,6 +3,7 @@ and the JSONL file a run keeps (appended per step, cut back on resume)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from m2flow.timeline import Recorder, Span, append_spans, drop_spans_after, load_spans, memory, memory_metrics
@@ -41,3 +42,17 @@ def test_spans_file_appends_steps_and_drops_later_ones(tmp_path):
     assert [(s.step, s.info["rows"]) for s in load_spans(path)] == [(1, 1), (2, 2), (3, 3)]
     drop_spans_after(path, 1)  # a run resumed from its step-1 checkpoint redoes steps 2 and 3
     assert [s.step for s in load_spans(path)] == [1]
+
+
+def test_a_line_cut_short_is_dropped_and_a_resume_rewrites_the_file_without_it(tmp_path):
+    path = tmp_path / "timeline.jsonl"
+    append_spans(str(path), 1, [Span("actor", 0, "0", "update", 1.0, 2.0)])
+    append_spans(str(path), 2, [Span("actor", 0, "0", "update", 3.0, 4.0)])
+    with open(path, "a") as f:
+        f.write('{"role": "actor", "rank": 0, "dev')  # a run killed while appending step 3
+    assert [s.step for s in load_spans(str(path))] == [1, 2]
+    drop_spans_after(str(path), 2)
+    assert path.read_text().endswith("\n") and [s.step for s in load_spans(str(path))] == [1, 2]
+    path.write_text('{"role": "actor"\n' + path.read_text())  # a broken line that is not the last: an error
+    with pytest.raises(ValueError, match=r"timeline.jsonl:1: not a timeline span"):
+        load_spans(str(path))

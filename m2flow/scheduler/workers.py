@@ -3,6 +3,7 @@ it starts from (`Start`: the model, its dtype, the seed) and its role's config s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import ray
@@ -81,14 +82,20 @@ class RolloutWorker(_Worker):
     def generate(self, prompts: list[str], params: SamplingParams, first_index: int = 0) -> list[Sample]:
         """Generates; with rollout.sleep_between_steps the engine wakes first and frees its KV cache after.
         `first_index`: the global index of prompts[0] (engine replicas; m2flow's engine only)."""
+        with self._generating(prompts):
+            return (self.engine.generate(prompts, params, first_index) if first_index
+                    else self.engine.generate(prompts, params))
+
+    @contextlib.contextmanager
+    def _generating(self, prompts: list[str]):
+        """A generate call on the timeline; with rollout.sleep_between_steps the engine wakes for it and frees its
+        KV cache after."""
         with self.timeline.span("generate", prompts=len(prompts)):
             if self.sleep_between_steps:
                 self.engine.wake()
-            samples = (self.engine.generate(prompts, params, first_index) if first_index
-                       else self.engine.generate(prompts, params))
+            yield
             if self.sleep_between_steps:
                 self.engine.sleep()
-        return samples
 
     def generate_into(self, channel, prompts: list[str], params: SamplingParams,
                       first_index: int = 0) -> tuple[int, GenerateStats | None, list[Span]]:
@@ -96,9 +103,7 @@ class RolloutWorker(_Worker):
         indices, put as soon as its n samples are done (weighted by their tokens), while the others decode; the
         same samples as generate (m2flow's engine only). Returns (the number of groups put, the engine's stats of
         this call, the timeline's spans since it was last drained)."""
-        with self.timeline.span("generate", prompts=len(prompts)):
-            if self.sleep_between_steps:
-                self.engine.wake()
+        with self._generating(prompts):
             prompt_ids = [self.engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
             groups = 0
             for group in self.engine.stream_groups(prompt_ids, params, first_index):
@@ -107,8 +112,6 @@ class RolloutWorker(_Worker):
                 self.timeline.mark("group", prompt=group[0].prompt_index)
                 channel.put(group, weight=sum(len(s.prompt_ids) + len(s.token_ids) for s in group))
                 groups += 1
-            if self.sleep_between_steps:
-                self.engine.sleep()
         # the engine's stats and the timeline come with the result: the replica may be generating the next step
         # by the time the driver asks (one-step off-policy), and a call would wait behind that
         return groups, self.stats(), self.timeline.drain()
