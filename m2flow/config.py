@@ -25,6 +25,8 @@ class ClusterConfig:
     placement: Any = "collocated"  # which devices each role runs on: collocated (every role on every device, stages in turn), disaggregated (the rollout on the first half of the devices, the rest on the others; rollout groups stream to the trainer as they finish), or a spec in RLinf's syntax over the roles rollout, reward, inference, actor, critic, e.g. {rollout: "0", actor: "1"} or {"rollout,inference": "0-1", actor: "2-3"} (hybrid); see docs/placement.md
     device: str = "auto"  # auto | cpu | cuda: the devices worker groups are placed on; auto = cuda when the Ray cluster has GPUs (each rank sees one GPU; groups share them, collocated)
     devices: int = 0  # how many devices the run uses: GPUs (0 = all of the cluster's), or on CPU sets of cores (each node's usable cores split evenly; each rank is pinned to its device's cores, threads = its cores; 0 = one device per node)
+    context_switch: bool = True  # groups that share devices (collocated; the shared part of a hybrid) take turns on them: each phase takes the devices' lock, onloads what it needs (the engine its weights and a KV cache; a trainer its parameters and, to update, its optimizer state), runs, and offloads to host memory after (gradients and the KV cache freed); false = every group keeps its state on the device (faster where it all fits) and groups sharing devices may run at once. No effect on groups with devices of their own
+    device_memory_gb: Optional[float] = None  # each device's memory budget for the ledger of what the ranks keep on it (after every onload and offload): a phase that brings a device over it fails, naming what each rank keeps there; null = no budget on CPU, the GPU's memory on cuda
     listen_all: bool = False  # a locally started Ray listens on all network interfaces (warns: no authentication, anyone reaching its ports can run code); false = 127.0.0.1 only
 
 
@@ -101,7 +103,6 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling threshold (1.0 = off)
     top_k: int = 0  # top-k sampling (0 = off)
     max_new_tokens: int = 48  # response length cap
-    sleep_between_steps: bool = False  # m2flow: free the KV cache after each generation (collocated: memory for training)
     engine: EngineConfig = field(default_factory=EngineConfig)  # m2flow's engine (the hf backend takes engine.max_num_seqs as its batch size)
 
 
@@ -266,8 +267,6 @@ def validate(cfg: Config) -> None:
           f"got {r.n}")
     check(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}")
     check(0 <= r.top_p <= 1, f"rollout.top_p must be in [0, 1], got {r.top_p}")
-    check(not r.sleep_between_steps or r.backend == "m2flow",
-          f"rollout.sleep_between_steps needs rollout.backend=m2flow, got {r.backend!r}")
     e = r.engine
     check(e.kv_cache_gb >= 0, f"rollout.engine.kv_cache_gb must be >= 0 (0 = auto), got {e.kv_cache_gb}")
     check(0 < e.kv_cache_fraction <= 1, f"rollout.engine.kv_cache_fraction must be in (0, 1], got {e.kv_cache_fraction}")
@@ -378,6 +377,8 @@ def _validate_ranges(cfg: Config, check) -> None:
     check(not cfg.cluster.listen_all or cfg.cluster.address is None,
           "cluster.listen_all applies to a locally started Ray (cluster.address null); a cluster you join keeps "
           "its own network settings")
+    check(cfg.cluster.device_memory_gb is None or cfg.cluster.device_memory_gb > 0,
+          f"cluster.device_memory_gb must be > 0 or null (no budget), got {cfg.cluster.device_memory_gb}")
     check(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1,
           f"cluster.num_cpus must be >= 1 or null (all of this machine's), got {cfg.cluster.num_cpus}")
 
@@ -525,7 +526,15 @@ def _reason(e: OmegaConfBaseException) -> str:
     return str(e).splitlines()[0]  # OmegaConf appends full_key/object_type lines; we name the key ourselves
 
 
+MOVED_KEYS = {  # keys that are gone, and what does their job now
+    "rollout.sleep_between_steps": "cluster.context_switch (an engine sharing its devices frees its KV cache "
+                                   "after every generation)",
+}
+
+
 def _unknown_key_message(full_key: str, where: str) -> str:
+    if full_key in MOVED_KEYS:
+        return f"config key '{full_key}' is gone: use {MOVED_KEYS[full_key]} ({where})"
     parent, _, name = full_key.rpartition(".")
     valid = [f.name for f in dataclasses.fields(_field_type(parent) if parent else Config)]
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)

@@ -43,8 +43,12 @@ def _worker_name(e: BaseException) -> str:
     from m2flow.rewards.limits import RewardError
 
     if isinstance(e, ray.exceptions.RayTaskError):
-        title = (e.proctitle or e.function_name or "a Ray worker").removeprefix("ray::")
-        return f"{title} (pid {e.pid})" if e.pid else title
+        title, pid = getattr(e, "proctitle", None) or getattr(e, "function_name", None), getattr(e, "pid", None)
+        if not title:  # an instance of its cause's class too (ray.get makes them) keeps them only in its text
+            found = re.search(r"ray::([\w.]+\(\))\S* \(pid=(\d+)", str(e))
+            title, pid = found.groups() if found else ("a Ray worker", None)
+        title = title.removeprefix("ray::")
+        return f"{title} (pid {pid})" if pid else title
     if isinstance(e, ray.exceptions.RayActorError):  # its process died: killed (OOM killer, kill -9) or crashed
         fields = dict(re.findall(r"^\s*(class_name|pid): (\S+)$", str(e), re.MULTILINE))
         if "class_name" in fields:

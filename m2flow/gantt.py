@@ -19,24 +19,13 @@ from __future__ import annotations
 
 import os
 
+from m2flow.scheduler.devices import parse_devices  # noqa: F401 (also this module's API)
 from m2flow.timeline import Span, load_spans
 
 ROLE_ORDER = ("rollout", "inference", "reward", "reference", "actor", "critic", "driver")
 # Known stages first, in flow order, so a stage keeps its color from run to run; others follow, sorted.
 STAGE_ORDER = ("generate", "group", "logprobs", "values", "reward", "advantage", "update", "optimizer_step",
                "weight_sync", "offload", "onload")
-
-
-def parse_devices(devices: str) -> list[int]:
-    """The device indices of a `devices` string: "1" -> [1], "0-1" -> [0, 1], "0-2,5" -> [0, 1, 2, 5], "" -> []."""
-    out: set[int] = set()
-    for part in str(devices).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, sep, hi = part.partition("-")
-        out.update(range(int(lo), int(hi) + 1) if sep else (int(lo),))
-    return sorted(out)
 
 
 def steps_present(spans: list[Span]) -> list[int]:

@@ -46,6 +46,7 @@ from m2flow.rollout import SamplingParams
 from m2flow.scheduler.cluster import start_ray, stop_ray
 from m2flow.scheduler.devices import Device, check_devices, place, release_devices, run_devices
 from m2flow.scheduler.channel import Channel
+from m2flow.scheduler.context import DeviceTable, switch_specs
 from m2flow.scheduler.group import WorkerGroup, rank_group
 from m2flow.scheduler.placement import resolve_placement
 from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker, Start
@@ -141,27 +142,39 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     plan = resolve_placement(cfg.cluster.placement, len(devices))
     log.info("placement: %s", plan.describe())
     on = lambda role: [devices[i] for i in plan.devices[role]]  # noqa: E731 (a role's devices)
+    table = DeviceTable(str(os.getpid()), cfg.cluster.device_memory_gb)  # the devices' locks and memory ledger
+    if workers is not None:
+        workers.append(table.actor)
+    # the groups this run has, by the placement role whose devices they run on; those sharing devices take turns
+    roles = {"rollout": "rollout", "actor": "actor", "reference": "inference" if cfg.algorithm.kl_coef > 0 else None,
+             "critic": "critic" if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None}
+    switches = switch_specs(table, {g: plan.devices[r] for g, r in roles.items() if r}, cfg.cluster.context_switch)
     replicas = cfg.rollout.replicas  # engine replicas, data-parallel
     start = Start.of(model_path, cfg)  # what every worker starts from
     rollout = WorkerGroup(RolloutWorker, replicas, start, cfg.rollout, name=f"rollout-{os.getpid()}",
-                          placements=place(replicas, on("rollout")), rank_kwargs=lambda r: {"rank": r})
+                          placements=place(replicas, on("rollout")), rank_kwargs=lambda r: {"rank": r},
+                          switch=switches["rollout"])
     ranks = cfg.train.ranks  # each trainer group: FSDP2 over a gloo group of this many ranks, data parallel
 
-    def trainer_group(cls, role: str, rendezvous: str, *args) -> WorkerGroup:
-        """`ranks` ranks of `cls(start, *args)` over the devices of placement role `role`, forming a process group
-        of their own through the file store run_dir/`rendezvous` (no port)."""
-        return rank_group(cls, ranks, start, *args, name=f"{role}-{os.getpid()}", placements=place(ranks, on(role)),
-                          store=os.path.join(run_dir, rendezvous))
+    def trainer_group(cls, group: str, rendezvous: str, *args) -> WorkerGroup:
+        """`ranks` ranks of `cls(start, *args)` over the devices of `group`'s placement role, forming a process
+        group of their own through the file store run_dir/`rendezvous` (no port)."""
+        return rank_group(cls, ranks, start, *args, name=f"{group}-{os.getpid()}",
+                          placements=place(ranks, on(roles[group])), store=os.path.join(run_dir, rendezvous),
+                          switch=switches[group])
 
     temperature = cfg.rollout.temperature  # the trainers' logprobs are those of the distribution sampled
     actor = trainer_group(ActorWorker, "actor", ".trainer-rendezvous", cfg.train, cfg.algorithm, temperature)
-    reference = (trainer_group(ReferenceWorker, "inference", ".reference-rendezvous", cfg.train, temperature)
-                 if cfg.algorithm.kl_coef > 0 else None)
+    reference = (trainer_group(ReferenceWorker, "reference", ".reference-rendezvous", cfg.train, temperature)
+                 if roles["reference"] else None)
     critic = (trainer_group(CriticWorker, "critic", ".critic-rendezvous", cfg.train, cfg.critic, cfg.algorithm)
-              if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None)
+              if roles["critic"] else None)
     groups = [g for g in (rollout, actor, reference, critic) if g is not None]
     if workers is not None:
         workers.extend(r for g in groups for r in g.ranks)
+    if any(s.shared for s in switches.values()):
+        log.info("context switching: %s take turns on their shared devices",
+                 ", ".join(g for g, s in switches.items() if s.shared))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -258,7 +271,8 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
             spans = [*driver.drain(), *it.spans, *(s for g in drained for ss in g.call("drain_timeline") for s in ss)]
             append_spans(timeline_path, step, spans)
         samples = [s for r in it.rounds for s in r.samples]
-        metrics = {**batch_metrics(it.rounds, it.train_batch, cfg, step), **it.metrics, **memory_metrics(spans)}
+        metrics = {**batch_metrics(it.rounds, it.train_batch, cfg, step), **it.metrics, **memory_metrics(spans),
+                   **table.metrics()}
         seconds = metrics["time/step"]
         totals["samples"] += len(samples)
         totals["tokens"] += int(sum(r.lengths.sum() for r in it.rounds))

@@ -50,6 +50,20 @@ def test_stage_error_names_the_stage_and_a_ray_worker():
     assert err.value.cause is remote and err.value.stage == "update"
 
 
+def test_stage_error_names_the_worker_of_an_error_ray_made_an_instance_of_its_cause():
+    """ray.get raises a worker's error as an instance of both RayTaskError and the cause's class, which keeps the
+    worker's name and pid only in its text (the colors included)."""
+    cause = ValueError("boom in generate")
+    remote = ray.exceptions.RayTaskError(
+        "RolloutWorker.generate", "Traceback ...\nValueError: boom in generate", cause,
+        proctitle="ray::RolloutWorker.generate()", pid=77).as_instanceof_cause()
+    assert isinstance(remote, ValueError)
+    with pytest.raises(StageError) as err:
+        with stage({}, "rollout"):
+            raise remote
+    assert str(err.value).startswith("stage 'rollout' failed in RolloutWorker.generate() (pid 77): ValueError")
+
+
 def test_stage_error_names_reward_workers_and_keeps_timing():
     times: dict[str, float] = {}
     with pytest.raises(StageError, match="stage 'reward' failed in a reward worker process: RewardError: bad"):

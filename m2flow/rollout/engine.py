@@ -190,21 +190,39 @@ class Engine:
     def sleep(self, offload_weights: bool = False) -> None:
         """Frees the KV cache (and moves the weights to CPU with `offload_weights`) so training can use
         the device; `wake()` restores both. Cached prefixes are forgotten."""
-        if not self.batcher.is_finished():
-            raise RuntimeError("cannot sleep while sequences are being generated")
-        self.runner.free_kv()
-        self.block_manager.reset_prefix_cache()
-        if offload_weights and self.runner.device.type != "cpu":
-            self.model.to("cpu")
-            torch.cuda.empty_cache()
-        self.sleeping = True
+        self.offload({"kv_cache", "weights"} if offload_weights else {"kv_cache"})
 
     def wake(self) -> None:
-        if not self.sleeping:
-            return
-        self.model.to(self.runner.device)
-        self.runner.allocate_kv()
-        self.sleeping = False
+        self.onload({"weights", "kv_cache"})
+
+    def part_bytes(self) -> dict[str, float]:
+        """The bytes of the engine's state in the parts context switching moves (scheduler/context.py): "weights"
+        and "kv_cache" (0 while freed)."""
+        weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        kv = self.runner.kv_cache
+        return {"weights": float(weights), "kv_cache": float(kv.numel() * kv.element_size() if kv is not None else 0)}
+
+    def onload(self, parts: set[str]) -> None:
+        """Brings `parts` back onto the engine's device: the weights, and a new (empty) KV cache. Generating needs
+        both."""
+        if "weights" in parts:
+            self.model.to(self.runner.device)
+        if "kv_cache" in parts and self.runner.kv_cache is None:
+            self.runner.allocate_kv()
+            self.sleeping = False
+
+    def offload(self, parts: set[str]) -> None:
+        """Frees the KV cache ("kv_cache"; cached prefixes are forgotten) and moves the weights to host memory
+        ("weights"; a no-op on a CPU device)."""
+        if not self.batcher.is_finished():
+            raise RuntimeError("cannot sleep while sequences are being generated")
+        if "kv_cache" in parts:
+            self.runner.free_kv()
+            self.block_manager.reset_prefix_cache()
+            self.sleeping = True
+        if "weights" in parts and self.runner.device.type != "cpu":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
 
     # ---- generation ---------------------------------------------------------------------------------
 

@@ -30,6 +30,21 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.policy_version = 0
+        self.device = next(model.parameters()).device
+
+    def part_bytes(self) -> dict[str, float]:
+        """Context switching's parts (scheduler/context.py): only "weights" (transformers' cache lives per call)."""
+        return {"weights": float(sum(t.numel() * t.element_size() for t in (*self.model.parameters(),
+                                                                             *self.model.buffers())))}
+
+    def onload(self, parts: set[str]) -> None:
+        if "weights" in parts:
+            self.model.to(self.device)
+
+    def offload(self, parts: set[str]) -> None:
+        if "weights" in parts and self.device.type != "cpu":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],

@@ -222,3 +222,15 @@ def pin(placement: Placement | None, threads: int) -> None:
                         placement.threads)
         threads = placement.threads
     torch.set_num_threads(max(threads, 1))
+
+
+def parse_devices(devices: str) -> list[int]:
+    """The device indices of a `devices` string: "1" -> [1], "0-1" -> [0, 1], "0-2,5" -> [0, 1, 2, 5], "" -> []."""
+    out: set[int] = set()
+    for part in str(devices).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        out.update(range(int(lo), int(hi) + 1) if sep else (int(lo),))
+    return sorted(out)

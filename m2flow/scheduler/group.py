@@ -48,13 +48,14 @@ class WorkerGroup:
             ray.kill(r)
 
 
-def rank_group(cls, size: int, *args, name: str, placements: list[Placement], store: str) -> WorkerGroup:
-    """`size` ranks of `cls(*args)` that form one process group (training/actor.py init_trainer_group) through the
-    file store `store`: rank r gets rank=r, world_size=size and store; a stale file a killed run left is removed."""
+def rank_group(cls, size: int, *args, name: str, placements: list[Placement], store: str, **kwargs) -> WorkerGroup:
+    """`size` ranks of `cls(*args, **kwargs)` that form one process group (training/actor.py init_trainer_group)
+    through the file store `store`: rank r gets rank=r, world_size=size and store; a stale file a killed run left is
+    removed."""
     if os.path.exists(store):
         os.unlink(store)
     return WorkerGroup(cls, size, *args, name=name, placements=placements,
-                       rank_kwargs=lambda r: {"rank": r, "world_size": size, "store": store})
+                       rank_kwargs=lambda r: {"rank": r, "world_size": size, "store": store}, **kwargs)
 
 
 def split_by_work(weights: list[float], parts: int) -> list[range]:

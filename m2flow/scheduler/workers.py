@@ -12,11 +12,13 @@ import torch
 from m2flow.batch import RolloutBatch
 from m2flow.config import AlgorithmConfig, Config, CriticConfig, RolloutConfig, TrainConfig
 from m2flow.rollout import Engine, GenerateStats, HFEngine, Sample, SamplingParams
+from m2flow.scheduler.context import Offloadable, Switch, SwitchSpec
 from m2flow.scheduler.devices import Placement, pin
 from m2flow.timeline import Recorder, Span
 from m2flow.training.actor import Actor, init_trainer_group
 from m2flow.training.critic import Critic, load_value_model
 from m2flow.training.checkpoint import load_hf_model, load_trainer, save_hf_checkpoint, save_trainer
+from m2flow.training.offload import TrainerState
 from m2flow.training.reference import Reference
 from m2flow.training.weight_sync import nbytes
 
@@ -33,6 +35,10 @@ class Start:
     @classmethod
     def of(cls, model_path: str, cfg: Config) -> "Start":
         return cls(model_path, cfg.model.dtype, cfg.seed)
+
+
+PARAMS = {"params"}  # what a trainer's forward needs on the device (training/offload.py)
+TRAINING = {"params", "optimizer"}  # and its update
 
 
 def _setup(threads: int, seed: int, placement: Placement | None, rank: int = 0, world_size: int = 1,
@@ -55,12 +61,20 @@ def _trainer_dtype(start: Start, device: str, fsdp: bool) -> tuple[str, torch.dt
 
 
 class _Worker:
-    """What every worker shell has: a timeline of what it did (m2flow/timeline.py), drained by the runner."""
+    """What every worker shell has: a timeline of what it did (m2flow/timeline.py), drained by the runner, and its
+    turns on shared devices (scheduler/context.py): each phase on the device runs in `self.switch.phase(...)`."""
 
     timeline: Recorder
+    switch: Switch
 
-    def _record(self, role: str, rank: int, placement: Placement | None) -> None:
-        self.timeline = Recorder(role, rank, placement.devices if placement else "")
+    def _start(self, role: str, rank: int, placement: Placement | None, state: Offloadable,
+               switch: SwitchSpec | None) -> None:
+        devices = placement.devices if placement else ""
+        self.timeline = Recorder(role, rank, devices)
+        capacity = None
+        if placement is not None and placement.device == "cuda":
+            capacity = float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        self.switch = Switch(switch, f"{role} rank {rank}", state, self.timeline, devices, capacity)
 
     def drain_timeline(self) -> list[Span]:
         """The spans recorded since the last call."""
@@ -69,33 +83,28 @@ class _Worker:
 
 class RolloutWorker(_Worker):
     def __init__(self, start: Start, r: RolloutConfig, threads: int = 1, placement: Placement | None = None,
-                 rank: int = 0):
+                 rank: int = 0, switch: SwitchSpec | None = None):
         device = _setup(threads, start.seed, placement)
-        self._record("rollout", rank, placement)
         if r.backend == "hf":
             model, tokenizer = load_hf_model(start.model_path, start.dtype)
             self.engine = HFEngine(model.to(device), tokenizer, batch_size=r.engine.max_num_seqs)
         else:  # "m2flow" (validated)
             self.engine = Engine.from_pretrained(start.model_path, r.engine, dtype=start.dtype, device=device)
-        self.sleep_between_steps = r.sleep_between_steps
+        self._start("rollout", rank, placement, self.engine, switch)
 
     def generate(self, prompts: list[str], params: SamplingParams, first_index: int = 0) -> list[Sample]:
-        """Generates; with rollout.sleep_between_steps the engine wakes first and frees its KV cache after.
-        `first_index`: the global index of prompts[0] (engine replicas; m2flow's engine only)."""
+        """Generates. `first_index`: the global index of prompts[0] (engine replicas; m2flow's engine only)."""
         with self._generating(prompts):
             return (self.engine.generate(prompts, params, first_index) if first_index
                     else self.engine.generate(prompts, params))
 
     @contextlib.contextmanager
     def _generating(self, prompts: list[str]):
-        """A generate call on the timeline; with rollout.sleep_between_steps the engine wakes for it and frees its
-        KV cache after."""
-        with self.timeline.span("generate", prompts=len(prompts)):
-            if self.sleep_between_steps:
-                self.engine.wake()
-            yield
-            if self.sleep_between_steps:
-                self.engine.sleep()
+        """A generate call: a phase on the device (sharing it, the engine takes its turn: onloads its weights and
+        a KV cache, and frees them after) and a span on the timeline."""
+        with self.switch.phase("generate", set(self.engine.part_bytes())):
+            with self.timeline.span("generate", prompts=len(prompts)):
+                yield
 
     def generate_into(self, channel, prompts: list[str], params: SamplingParams,
                       first_index: int = 0) -> tuple[int, GenerateStats | None, list[Span]]:
@@ -125,7 +134,7 @@ class RolloutWorker(_Worker):
             for ref in buckets:
                 yield from ray.get(ref).items()
 
-        with self.timeline.span("weight_sync", buckets=len(buckets)):
+        with self.switch.phase("weight_sync", {"weights"}), self.timeline.span("weight_sync", buckets=len(buckets)):
             self.engine.load_weights(weights(), policy_version)
 
     def set_policy_version(self, policy_version: int) -> None:
@@ -143,34 +152,36 @@ class ActorWorker(_Worker):
 
     def __init__(self, start: Start, train: TrainConfig, algorithm: AlgorithmConfig, temperature: float,
                  threads: int = 1, placement: Placement | None = None, rank: int = 0, world_size: int = 1,
-                 store: str = ""):
+                 store: str = "", switch: SwitchSpec | None = None):
         """`temperature`: the rollout's (the logprobs are those of the distribution it samples)."""
         device = _setup(threads, start.seed, placement, rank, world_size, store)
         self.rank = rank
-        self._record("actor", rank, placement)
         load_dtype, compute_dtype = _trainer_dtype(start, device, train.fsdp)
         model, self.tokenizer = load_hf_model(start.model_path, load_dtype)
-        self.actor = Actor(model.to(device), train, algorithm, temperature=temperature, param_dtype=compute_dtype)
+        self.actor = a = Actor(model.to(device), train, algorithm, temperature=temperature, param_dtype=compute_dtype)
+        self._start("actor", rank, placement, TrainerState(a.model, a.device, a.optimizer, train.offload,
+                                                           accumulating=lambda: a.pending is not None), switch)
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        with self.timeline.span("logprobs", rows=len(batch)):
+        with self.switch.phase("logprobs", PARAMS), self.timeline.span("logprobs", rows=len(batch)):
             return self.actor.compute_logprobs(batch)
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        with self.timeline.span("update", rows=len(batch)):
+        with self.switch.phase("update", TRAINING), self.timeline.span("update", rows=len(batch)):
             return self.actor.update(batch)
 
     def learn(self, rows: RolloutBatch | None, step_after: bool) -> dict[str, float]:
         """The streamed update (a pipelined placement): adds the gradients of `rows` (None: none) and, with
         `step_after`, takes the optimizer step on everything added since the last one. Returns {} or the step's
         metrics."""
-        if rows is not None:
-            with self.timeline.span("update", rows=len(rows)):
-                self.actor.accumulate(rows)
-        if not step_after:
-            return {}
-        with self.timeline.span("optimizer_step"):
-            return self.actor.optimizer_step()
+        with self.switch.phase("update", TRAINING):
+            if rows is not None:
+                with self.timeline.span("update", rows=len(rows)):
+                    self.actor.accumulate(rows)
+            if not step_after:
+                return {}
+            with self.timeline.span("optimizer_step"):
+                return self.actor.optimizer_step()
 
     def streamed_update_metrics(self) -> dict[str, float]:
         """The streamed update's metrics over its optimizer steps since the last call, as `update` returns them."""
@@ -181,7 +192,7 @@ class ActorWorker(_Worker):
         buckets of at most `bucket_mb` MiB. Rank 0 puts each bucket into the object store as it is complete and
         returns (the references in order, bytes in all); the other ranks return ([], 0)."""
         refs, total = [], 0
-        with self.timeline.span("weight_sync"):
+        with self.switch.phase("weight_sync", PARAMS), self.timeline.span("weight_sync"):
             for bucket in self.actor.weight_buckets(bucket_mb):
                 if self.rank == 0:
                     refs.append(ray.put(bucket))
@@ -189,15 +200,18 @@ class ActorWorker(_Worker):
         return refs, total
 
     def save_checkpoint(self, path: str) -> str:
-        weights = self.actor.state_dict()  # collective on N ranks: rank 0 gets the full weights and writes
+        with self.switch.phase("checkpoint", PARAMS):
+            weights = self.actor.state_dict()  # collective on N ranks: rank 0 gets the full weights and writes
         return save_hf_checkpoint(path, self.actor.hf_config, weights, self.tokenizer) if self.rank == 0 else path
 
     def save_state(self, path: str) -> None:
         """The policy as an HF checkpoint in directory `path`, plus the trainer's state (optimizer, LR schedule, RNG)."""
-        save_trainer(path, self.actor, self.tokenizer)
+        with self.switch.phase("checkpoint", TRAINING):
+            save_trainer(path, self.actor, self.tokenizer)
 
     def load_state(self, path: str) -> None:
-        load_trainer(path, self.actor)
+        with self.switch.phase("resume", TRAINING):
+            load_trainer(path, self.actor)
 
 
 class ReferenceWorker(_Worker):
@@ -206,15 +220,16 @@ class ReferenceWorker(_Worker):
     the weights over them and each computes its share of the rows (training/reference.py)."""
 
     def __init__(self, start: Start, train: TrainConfig, temperature: float, threads: int = 1,
-                 placement: Placement | None = None, rank: int = 0, world_size: int = 1, store: str = ""):
+                 placement: Placement | None = None, rank: int = 0, world_size: int = 1, store: str = "",
+                 switch: SwitchSpec | None = None):
         device = _setup(threads, start.seed, placement, rank, world_size, store)
-        self._record("reference", rank, placement)
         model, _ = load_hf_model(start.model_path, start.dtype)  # frozen: no float32 master weights in bfloat16
         self.reference = Reference(model.to(device), train, temperature=temperature)
+        self._start("reference", rank, placement, TrainerState(self.reference.model, device), switch)
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """The whole batch's reference logprobs, on every rank."""
-        with self.timeline.span("logprobs", rows=len(batch)):
+        with self.switch.phase("logprobs", PARAMS), self.timeline.span("logprobs", rows=len(batch)):
             return self.reference.compute_logprobs(batch)
 
 
@@ -225,27 +240,29 @@ class CriticWorker(_Worker):
 
     def __init__(self, start: Start, train: TrainConfig, critic: CriticConfig, algorithm: AlgorithmConfig,
                  threads: int = 1, placement: Placement | None = None, rank: int = 0, world_size: int = 1,
-                 store: str = ""):
+                 store: str = "", switch: SwitchSpec | None = None):
         device = _setup(threads, start.seed, placement, rank, world_size, store)
-        self._record("critic", rank, placement)
         load_dtype, compute_dtype = _trainer_dtype(start, device, train.fsdp)  # as the actor's
         model = load_value_model(start.model_path, load_dtype)
-        self.critic = Critic(model.to(device), train, critic, algorithm, param_dtype=compute_dtype)
+        self.critic = c = Critic(model.to(device), train, critic, algorithm, param_dtype=compute_dtype)
+        self._start("critic", rank, placement, TrainerState(c.model, c.device, c.optimizer, train.offload), switch)
 
     def compute_values(self, batch: RolloutBatch) -> torch.Tensor:
         """The whole batch's values, on every rank."""
-        with self.timeline.span("values", rows=len(batch)):
+        with self.switch.phase("values", PARAMS), self.timeline.span("values", rows=len(batch)):
             return self.critic.compute_values(batch)
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """The same metrics on every rank (all-reduced)."""
-        with self.timeline.span("update", rows=len(batch)):
+        with self.switch.phase("update", TRAINING), self.timeline.span("update", rows=len(batch)):
             return self.critic.update(batch)
 
     def save_state(self, path: str) -> None:
         """The value model (HF token-classification format) and its optimizer, LR schedule and RNG, in `path`
         (collective: every rank calls it; rank 0 writes the HF files)."""
-        save_trainer(path, self.critic)
+        with self.switch.phase("checkpoint", TRAINING):
+            save_trainer(path, self.critic)
 
     def load_state(self, path: str) -> None:
-        load_trainer(path, self.critic)
+        with self.switch.phase("resume", TRAINING):
+            load_trainer(path, self.critic)

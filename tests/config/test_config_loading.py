@@ -164,7 +164,7 @@ def test_config_error_is_value_error():
         ("cluster", {"placement": {"rollout": "0", "actor": "2"}, "devices": 2}, "cluster.placement"),  # past 0-1
         ("data", {"template": "alpaca"}, "data.template"),
         ("rollout", {"backend": "vllm"}, "rollout.backend"),
-        ("rollout", {"backend": "hf", "sleep_between_steps": True}, "rollout.sleep_between_steps"),
+        ("cluster", {"device_memory_gb": 0.0}, "cluster.device_memory_gb"),
         ("rollout.engine", {"block_size": 0}, "rollout.engine.block_size"),
         ("rollout.engine", {"kv_cache_gb": -1.0}, "rollout.engine.kv_cache_gb"),
         ("rollout.engine", {"kv_cache_fraction": 0.0}, "rollout.engine.kv_cache_fraction"),
@@ -181,6 +181,11 @@ def test_validate_rejects(section, changes, key):
     setattr(owner, name, dataclasses.replace(getattr(owner, name), **changes))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+def test_a_key_that_moved_names_its_successor():
+    with pytest.raises(ConfigError, match=r"rollout\.sleep_between_steps' is gone: use cluster\.context_switch"):
+        load_config(None, ["rollout.sleep_between_steps=true"])
 
 
 def test_validate_lists_valid_choices():

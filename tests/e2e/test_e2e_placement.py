@@ -3,7 +3,8 @@ stage by stage), disaggregated (the rollout on device 0, the actor on device 1, 
 channel into the actor's update while the engine still generates) and hybrid (rollout and reference share device 0,
 the actor has device 1). With the same seed and data they give the same samples, the same updates and the same
 final weights (float rounding aside), and in the pipelined placements the timeline shows the actor training before
-the last rollout group is done."""
+the last rollout group is done. Groups that share devices take turns on them (context switching), which the
+memory ledger checks."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from m2flow.config import load_config
+from m2flow.faults import StageError
 from m2flow.gantt import bubble_fraction, report
 from m2flow.runner import run
 from m2flow.timeline import load_spans
@@ -81,6 +83,43 @@ def test_pipelined_actor_trains_before_the_last_rollout_group(runs, name):
     assert min(trainer_work) < max(groups)  # inference and training began while the rollout was still generating
     assert {s.devices for s in spans if s.role == "rollout"} == {"0"}
     assert {s.devices for s in spans if s.role == "actor"} == {"1"}
+
+
+def _turns(spans) -> list[tuple[str, float, float]]:
+    """(role, from its onload's start, to its offload's end): each turn a rank took on its shared devices."""
+    out = []
+    for role in {s.role for s in spans}:
+        mine = sorted((s for s in spans if s.role == role and s.stage in ("onload", "offload")), key=lambda s: s.start)
+        out += [(role, on.start, off.end) for on, off in zip(mine[::2], mine[1::2])]
+        assert [s.stage for s in mine] == ["onload", "offload"] * (len(mine) // 2), role
+    return out
+
+
+def test_collocated_groups_take_turns_and_a_missing_offload_breaks_the_budget(runs, root):
+    """Context switching, collocated: every group's work on the shared devices lies inside one of its turns (onload
+    ... offload), no two groups' turns overlap, and the memory ledger's peak per device is one group's state at a
+    time. The same run with cluster.context_switch=false, under a budget that peak fits in, fails in its first
+    stage, naming the device and what each rank kept there."""
+    spans = [s for s in load_spans(os.path.join(runs["collocated"]["run_dir"], "timeline.jsonl")) if s.step == 2]
+    turns = _turns([s for s in spans if s.role != "driver"])
+    assert {role for role, _, _ in turns} == {"rollout", "actor", "reference"}
+    for s in spans:
+        if s.stage in ("generate", "logprobs", "update", "weight_sync"):
+            assert any(role == s.role and a <= s.start and s.end <= b for role, a, b in turns), s
+    for i, (ra, a0, a1) in enumerate(turns):
+        for rb, b0, b1 in turns[i + 1:]:
+            assert ra == rb or a1 <= b0 or b1 <= a0, (ra, rb)  # one group at a time
+    peak = max(step["memory/device0_ledger_gb"] for step in runs["collocated"]["steps"])
+    assert peak > 0
+    cfg = load_config(None, FLOW + ["cluster.placement=collocated", "cluster.context_switch=false",
+                                    f"cluster.device_memory_gb={peak * 1.05}", "name=no-offload",
+                                    f"output_dir={root / 'runs'}", f"base.cache_dir={root / 'cache'}"])
+    with pytest.raises(StageError) as err:
+        run(cfg, progress=False)
+    message = str(err.value)
+    assert re.search(r"DeviceBudgetError: device \d: after \w+ rank 0's \w+, its ranks keep [\d.]+ MiB, over its "
+                     r"budget of [\d.]+ MiB", message), message
+    assert all(f"{role} rank 0 " in message for role in ("rollout", "actor", "reference")), message
 
 
 def test_collocated_runs_stage_by_stage(runs):

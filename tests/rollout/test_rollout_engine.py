@@ -270,6 +270,25 @@ def test_sleep_frees_the_kv_cache_and_wake_restores(model_dir, prompts):
     assert _tokens(engine.generate(prompts[:4], params)) == _tokens(before)
 
 
+def test_context_switch_parts_move_apart(model_dir, prompts):
+    """The parts context switching moves (scheduler/context.py): their bytes; weights alone (a weight sync) do not
+    make the engine ready to generate; a remade KV cache gives the same samples."""
+    engine = make_engine(model_dir)
+    weights = sum(t.numel() * t.element_size() for t in (*engine.model.parameters(), *engine.model.buffers()))
+    kv = engine.runner.kv_cache.numel() * engine.runner.kv_cache.element_size()
+    assert engine.part_bytes() == {"weights": float(weights), "kv_cache": float(kv)} and kv > 0
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=3)
+    before = engine.generate(prompts[:2], params)
+    engine.offload({"kv_cache", "weights"})
+    assert engine.part_bytes()["kv_cache"] == 0.0
+    engine.onload({"weights"})
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(prompts[:2], params)
+    engine.onload({"kv_cache"})
+    assert engine.part_bytes()["kv_cache"] == float(kv)
+    assert _tokens(engine.generate(prompts[:2], params)) == _tokens(before)
+
+
 def test_config_errors(model_dir, prompts, tokenizer):
     with pytest.raises(ValueError, match="kv_cache_gb"):
         make_engine(model_dir, kv_cache_gb=1e-9)
