@@ -117,10 +117,14 @@ def test_ledger_budget_is_the_smaller_of_the_configured_one_and_the_device():
     assert _Table(budget_bytes=2.0 * GiB).record([0], "a", 2.0 * GiB, "x", 8.0 * GiB) is None  # equal is fine
 
 
-def test_groups_share_devices_only_where_their_sets_overlap():
+def test_the_rollout_and_trainers_take_turns_where_their_devices_overlap():
     table = object()  # (not called)
-    specs = switch_specs(table, {"rollout": (0,), "actor": (1,), "reference": (0,)}, context_switch=True)
-    assert {g: s.shared for g, s in specs.items()} == {"rollout": True, "actor": False, "reference": True}
+    hybrid = switch_specs(table, {"rollout": (0,), "actor": (1,), "reference": (0,)}, context_switch=True)
+    assert {g: (s.side, s.shared) for g, s in hybrid.items()} == {
+        "rollout": ("rollout", True), "actor": ("training", False), "reference": ("training", True)}
+    # disaggregated: the actor and the reference share device 1, but no rollout is there: both stay resident
+    apart = switch_specs(table, {"rollout": (0,), "actor": (1,), "reference": (1,)}, context_switch=True)
+    assert not any(s.shared for s in apart.values())
     off = switch_specs(table, {"rollout": (0, 1), "actor": (0, 1)}, context_switch=False)
     assert not any(s.shared for s in off.values())
 
@@ -162,6 +166,7 @@ def test_switch_onloads_for_the_phase_and_offloads_after(local_ray):
     state, recorder = FakeState(), Recorder("rollout")
     switch = Switch(SwitchSpec(table, "rollout", (0,), shared=True), "rollout rank 0", state, recorder, "0")
     assert state.log == ["offload kv_cache,weights"] and table.resident() == {0: {"rollout rank 0": 0.0}}
+    assert recorder.drain() == []  # (its start is not a phase on the timeline)
     with switch.phase("weight_sync", {"weights"}):
         state.log.append("body")
         assert table.resident() == {0: {"rollout rank 0": 100.0}}  # only what the phase brought
@@ -170,7 +175,7 @@ def test_switch_onloads_for_the_phase_and_offloads_after(local_ray):
     assert state.log[1:] == ["onload weights", "body", "offload weights"]
     assert table.resident() == {0: {"rollout rank 0": 0.0}}
     assert table.drain_peaks() == {0: 100.0}
-    assert [s.stage for s in recorder.drain()] == ["offload", "onload", "offload"]
+    assert [s.stage for s in recorder.drain()] == ["onload", "offload"]
     # the lock is free again: another group gets it at once
     assert ray.get(table.actor.acquire.remote([0], "actor", 1.0)) < 0.5
 

@@ -1,18 +1,20 @@
 """Context switching: worker groups that share devices take turns on them, and a ledger of what each keeps there.
 
-Where a placement puts several groups on the same devices (collocated; the shared part of a hybrid), every phase
-a group runs there (a generation, a logprob pass, an update, a weight gather, a checkpoint) is bracketed by
-`Switch.phase`:
+Where a placement puts the rollout and training groups (actor, reference, critic) on the same devices (every
+device, collocated; the shared part of a hybrid), every phase a group runs there (a generation, a logprob pass, an
+update, a weight gather or load, a checkpoint) is bracketed by `Switch.phase`:
 
-  1. take the lock of the group's devices (`DeviceTable.acquire`): one group at a time on a device; the ranks of
-     one group share it (they meet in collectives), and a rank takes all its group's devices at once or none, so
-     two groups never hold half of each other's;
+  1. take the lock of the group's devices (`DeviceTable.acquire`) for its side: the rollout's or the training
+     groups' turn, one side at a time on a device. The ranks of every group on one side share the turn (a group's
+     ranks meet in collectives; training groups run a step's training phases together, as one worker would), and
+     a rank takes all its group's devices at once or none, so two sides never hold half of each other's;
   2. onload what the phase needs (the engine: its weights and KV cache; a trainer: its parameters and, for an
      update, its optimizer state);
   3. run;
   4. offload everything to host memory (gradients freed, the KV cache freed) and release the lock.
 
-A group whose devices no other group uses (disaggregated) keeps its state where it is and takes no lock.
+A group whose devices no group of the other side uses (disaggregated: the actor and reference together on devices
+of their own) keeps its state where it is and takes no lock.
 
 The table also keeps the **ledger**: after every onload and offload each rank records the bytes it keeps on its
 devices. A device whose ranks together keep more than its budget (cluster.device_memory_gb; on a GPU at most its
@@ -56,34 +58,34 @@ class _Table:
 
     def __init__(self, budget_bytes: float | None):
         self.budget = budget_bytes
-        self.holder: dict[int, tuple[str, int]] = {}  # device -> (group, its ranks holding it)
+        self.holder: dict[int, tuple[str, int]] = {}  # device -> (side, its ranks holding it)
         self.resident: dict[int, dict[str, float]] = {}  # device -> {owner: bytes kept there}
         self.peak: dict[int, float] = {}  # device -> the most kept there at once, since the last drain
         self.changed = asyncio.Condition()
 
-    async def acquire(self, devices: list[int], group: str, timeout_s: float) -> float:
-        """Waits until none of `devices` is held by another group, then takes them all; the seconds it waited."""
+    async def acquire(self, devices: list[int], side: str, timeout_s: float) -> float:
+        """Waits until none of `devices` is held by another side, then takes them all; the seconds it waited."""
         began = time.monotonic()
-        free = lambda: all(self.holder.get(d, (group, 0))[0] == group for d in devices)  # noqa: E731
+        free = lambda: all(self.holder.get(d, (side, 0))[0] == side for d in devices)  # noqa: E731
         async with self.changed:
             try:
                 await asyncio.wait_for(self.changed.wait_for(free), timeout_s)
             except asyncio.TimeoutError:
                 held = {d: self.holder[d][0] for d in devices if d in self.holder}
-                raise DeviceLockTimeout(f"{group} waited {timeout_s:g} s for devices {device_label(devices)}, held by "
+                raise DeviceLockTimeout(f"{side} waited {timeout_s:g} s for devices {device_label(devices)}, held by "
                                         + ", ".join(f"{g} (device {d})" for d, g in held.items())) from None
             for d in devices:
-                self.holder[d] = (group, self.holder.get(d, (group, 0))[1] + 1)
+                self.holder[d] = (side, self.holder.get(d, (side, 0))[1] + 1)
         return time.monotonic() - began
 
-    async def release(self, devices: list[int], group: str) -> None:
+    async def release(self, devices: list[int], side: str) -> None:
         async with self.changed:
             for d in devices:
                 held_by, count = self.holder.get(d, (None, 0))
-                if held_by != group:
-                    raise RuntimeError(f"{group} released device {d}, which {held_by or 'nobody'} holds")
+                if held_by != side:
+                    raise RuntimeError(f"{side} released device {d}, which {held_by or 'nobody'} holds")
                 if count > 1:
-                    self.holder[d] = (group, count - 1)
+                    self.holder[d] = (side, count - 1)
                 else:
                     del self.holder[d]
             self.changed.notify_all()
@@ -154,19 +156,27 @@ class Offloadable(Protocol):
 
 @dataclass(frozen=True)
 class SwitchSpec:
-    """What a rank needs to take its turns: the run's table, its group and that group's devices, and whether it
-    shares them (only then does it lock and offload)."""
+    """What a rank needs to take its turns: the run's table, its side, its group's devices, and whether it shares
+    them with the other side (only then does it lock and offload)."""
 
     table: DeviceTable
-    group: str  # e.g. "actor": the lock's owner (every rank of the group shares it)
-    devices: tuple[int, ...]  # the group's devices (a rank locks all of them, so its group mates never wait on it)
-    shared: bool  # another group runs on these devices and cluster.context_switch is on
+    side: str  # "rollout" or "training": the lock's owner (every rank of every group on one side shares a turn)
+    devices: tuple[int, ...]  # its group's devices (a rank locks all of them, so its group mates never wait on it)
+    shared: bool  # a group of the other side runs on these devices and cluster.context_switch is on
+
+
+def side(group: str) -> str:
+    """Which side of the context switch a group is on: the rollout's, or the training groups' (actor, reference,
+    critic: they run the training phases of a step together, as one worker would)."""
+    return "rollout" if group == "rollout" else "training"
 
 
 def switch_specs(table: DeviceTable, devices: dict[str, tuple[int, ...]], context_switch: bool) -> dict[str, SwitchSpec]:
-    """Each group's SwitchSpec, from the devices each runs on: it shares them when another group's overlap them."""
-    return {group: SwitchSpec(table, group, d, context_switch and any(set(d) & set(other) for g, other in
-                                                                        devices.items() if g != group))
+    """Each group's SwitchSpec, from the devices each runs on: it shares them when a group of the other side runs
+    on some of them (a rollout and a trainer take turns; an actor and a reference on the same devices stay resident
+    together and may run at once)."""
+    return {group: SwitchSpec(table, side(group), d, context_switch and any(
+        set(d) & set(other) for g, other in devices.items() if side(g) != side(group)))
             for group, d in devices.items()}
 
 
@@ -184,9 +194,11 @@ class Switch:
         self.enabled = spec is not None and spec.shared
         self.depth = 0  # nested phases (a checkpoint's save inside nothing else; a phase calling another) share one turn
         if self.enabled:  # it waits, offloaded, for its first phase
-            self._offload("start")
-        else:
-            self._record("start")
+            self.state.offload(set(self.loaded))
+            self.loaded = set()
+        # (a device over its budget already fails the first phase on it, naming every group's ranks, once all have
+        # started: a worker failing to start would name only those before it)
+        self._record("start", check=False)
 
     @contextlib.contextmanager
     def phase(self, name: str, parts: set[str]):
@@ -198,11 +210,11 @@ class Switch:
                 yield
             finally:
                 self.depth -= 1
-                if self.spec is not None and not self.depth:
-                    self._record(name)
+            if not self.depth:  # (after the body succeeded: a budget error never hides the body's own)
+                self._record(name)
             return
         spec = self.spec
-        waited = ray.get(spec.table.actor.acquire.remote(list(spec.devices), spec.group, LOCK_TIMEOUT_S))
+        waited = ray.get(spec.table.actor.acquire.remote(list(spec.devices), spec.side, LOCK_TIMEOUT_S))
         self.depth += 1
         try:
             with self.recorder.span("onload", parts=",".join(sorted(parts)), waited_s=round(waited, 4)):
@@ -216,22 +228,22 @@ class Switch:
             try:
                 self._offload(name)
             finally:
-                ray.get(spec.table.actor.release.remote(list(spec.devices), spec.group))
+                ray.get(spec.table.actor.release.remote(list(spec.devices), spec.side))
 
     def _offload(self, name: str) -> None:
         with self.recorder.span("offload", parts=",".join(sorted(self.loaded))):
             self.state.offload(set(self.loaded))
             self.loaded = set()
-        self._record(name)
+        self._record(name, check=False)  # (it only lowers what the device holds)
 
     def resident_bytes(self) -> float:
         """What this rank keeps on its device now: the bytes of its parts there."""
         return float(sum(b for part, b in self.state.part_bytes().items() if part in self.loaded))
 
-    def _record(self, phase: str) -> None:
+    def _record(self, phase: str, check: bool = True) -> None:
         if self.spec is None:
             return
         error = ray.get(self.spec.table.actor.record.remote(self.devices, self.owner, self.resident_bytes(), phase,
                                                             self.capacity))
-        if error:
+        if error and check:
             raise DeviceBudgetError(error)
