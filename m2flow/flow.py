@@ -85,10 +85,12 @@ class Flow:
 
     def __init__(self, cfg: Config, rollout: WorkerGroup, actor: WorkerGroup, reference: WorkerGroup | None,
                  critic: WorkerGroup | None, task: Task, tokenizer, prompt, scorer: RewardScorer,
-                 channel: Channel | None, driver: Recorder):
+                 channel: Channel | None, driver: Recorder, inference: WorkerGroup | None = None):
         """`prompt(problem) -> str`: a problem as the model sees it; `channel`: a pipelined placement's (None:
-        the whole batch, stage by stage); `driver`: the timeline of the driver's own stages (reward, advantage)."""
+        the whole batch, stage by stage); `driver`: the timeline of the driver's own stages (reward, advantage);
+        `inference`: the policy's logprob group on devices apart from the actor's (None: the actor computes them)."""
         self.cfg, self.rollout, self.actor, self.reference, self.critic = cfg, rollout, actor, reference, critic
+        self.inference = inference
         self.task, self.tokenizer, self.prompt, self.scorer = task, tokenizer, prompt, scorer
         self.channel, self.driver = channel, driver
         self.sampler = PromptSampler(len(task.train), cfg.seed)
@@ -166,9 +168,10 @@ class Flow:
     # -- the stages after the rollout: the same for every placement ----------------------------------------------
 
     def logprobs(self, micro: Micro, means: TokenMeans, times: dict[str, float]) -> None:
-        """Sets the rows' old logprobs (the engine's, unless train.old_logprobs makes the trainer compute them, as
-        it also does for a check), reference logprobs (with a KL term) and values (with a critic); the groups
-        compute at once, every rank of each returns the whole batch's, rank 0's are taken."""
+        """Sets the rows' old logprobs (the engine's, unless train.old_logprobs makes a trainer pass compute them, as
+        it also does for a check: the inference group's where there is one, else the actor's), reference logprobs
+        (with a KL term) and values (with a critic); the groups compute at once, every rank of each returns the
+        whole batch's, rank 0's are taken."""
         rows = micro.rows
         if rows is None:
             return
@@ -176,7 +179,7 @@ class Flow:
             trainer_pass = not self.rollout_old or micro.check
             # one copy in the object store for every worker that reads the rows
             ref = ray.put(rows) if trainer_pass or self.reference is not None or self.critic is not None else None
-            old_refs = self.actor.remote("compute_logprobs", ref) if trainer_pass else None
+            old_refs = (self.inference or self.actor).remote("compute_logprobs", ref) if trainer_pass else None
             ref_refs = self.reference.remote("compute_logprobs", ref) if self.reference is not None else None
             values_refs = self.critic.remote("compute_values", ref) if self.critic is not None else None
             trainer = ray.get(old_refs[0]) if trainer_pass else None
@@ -220,20 +223,21 @@ class Flow:
             return self.actor.call("streamed_update_metrics")[0]
 
     def sync_weights(self, version: int) -> dict[str, float]:
-        """The trainer's weights into every engine replica, as weight version `version`, in buckets of at most
-        train.weight_sync_bucket_mb: the trainer ranks gather them weight by weight and rank 0 puts each bucket
-        into the object store; each replica fetches and loads the buckets one at a time. The driver handles only
+        """The trainer's weights into every engine replica (and the inference group's ranks), as weight version
+        `version`, in buckets of at most train.weight_sync_bucket_mb: the trainer ranks gather them weight by weight
+        and rank 0 puts each bucket into the object store; each replica fetches and loads the buckets one at a time. The driver handles only
         the references. Returns the weight_sync/ metrics (GiB moved to each replica, and per second). One-step
         off-policy, the loads queue behind the next step's generation and are not waited for."""
         began = time.perf_counter()
         self.wait_for_loads()  # the last step's sync, when it was not waited for
         refs, total = self.actor.call("weight_buckets", self.cfg.train.weight_sync_bucket_mb)[0]  # rank 0's
         loads = self.rollout.remote("load_weight_buckets", refs, version)  # in a list: references stay references
+        followers = self.inference.remote("load_weight_buckets", refs, version) if self.inference else []
         metrics = {"weight_sync/gb": total / GB, "weight_sync/buckets": float(len(refs))}
         if self.off_policy:
-            self.loading += loads
+            self.loading += loads + followers
             return metrics
-        ray.get(loads)
+        ray.get(loads + followers)
         return metrics | {"weight_sync/gb_per_s": total / GB / max(time.perf_counter() - began, 1e-9)}
 
     def set_policy_version(self, version: int) -> None:

@@ -27,9 +27,10 @@ from m2flow.timeline import Recorder
 GROUP_LOCAL_ADVANTAGES = ("grpo", "dr_grpo", "rloo")  # a group's advantages depend on that group's scores alone
 
 
-def streamable(cfg: Config, rollout_old: bool) -> str:
+def streamable(cfg: Config, rollout_old: bool, inference_apart: bool = False) -> str:
     """Why the pipelined iteration cannot stream this config's micro-batches into the update ("" when it can):
-    then the step waits for the whole batch, as collocated, with the roles still on their own devices."""
+    then the step waits for the whole batch, as collocated, with the roles still on their own devices.
+    `inference_apart`: old logprobs come from the inference group, whose weights stay those of the step's start."""
     a, t = cfg.algorithm, cfg.train
     if a.advantage not in GROUP_LOCAL_ADVANTAGES:
         return f"algorithm.advantage={a.advantage} is not a function of one group ({', '.join(GROUP_LOCAL_ADVANTAGES)} are)"
@@ -39,9 +40,9 @@ def streamable(cfg: Config, rollout_old: bool) -> str:
         return "algorithm.dynamic_sampling_max_tries > 1 resamples after the whole round"
     if t.epochs > 1:
         return "train.epochs > 1 passes over the whole batch again"
-    if t.mini_batches > 1 and not rollout_old:
-        return "train.mini_batches > 1 with trainer-computed old logprobs (train.old_logprobs) would compute them " \
-               "after the step's first optimizer step"
+    if t.mini_batches > 1 and not rollout_old and not inference_apart:
+        return "train.mini_batches > 1 with old logprobs from the actor (train.old_logprobs) would compute them " \
+               "after the step's first optimizer step (give `inference` devices of its own to compute them there)"
     if cfg.rollout.backend != "m2flow":
         return "rollout.backend=hf has no streaming API"
     return ""

@@ -49,7 +49,14 @@ from m2flow.scheduler.channel import Channel
 from m2flow.scheduler.context import DeviceTable, switch_specs
 from m2flow.scheduler.group import WorkerGroup, rank_group
 from m2flow.scheduler.placement import resolve_placement
-from m2flow.scheduler.workers import ActorWorker, CriticWorker, ReferenceWorker, RolloutWorker, Start
+from m2flow.scheduler.workers import (
+    ActorWorker,
+    CriticWorker,
+    InferenceWorker,
+    ReferenceWorker,
+    RolloutWorker,
+    Start,
+)
 from m2flow.stages import batch_metrics, old_logprobs_from_rollout
 from m2flow.timeline import Recorder, append_spans, drop_spans_after, memory_metrics
 from m2flow.training.warm_start import ensure_base_model
@@ -145,8 +152,12 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     table = DeviceTable(str(os.getpid()), cfg.cluster.device_memory_gb)  # the devices' locks and memory ledger
     if workers is not None:
         workers.append(table.actor)
+    rollout_old = old_logprobs_from_rollout(cfg)
+    # old logprobs from a trainer pass run on the inference devices, where those are apart from the actor's
+    inference_apart = not rollout_old and set(plan.devices["inference"]) != set(plan.devices["actor"])
     # the groups this run has, by the placement role whose devices they run on; those sharing devices take turns
-    roles = {"rollout": "rollout", "actor": "actor", "reference": "inference" if cfg.algorithm.kl_coef > 0 else None,
+    roles = {"rollout": "rollout", "actor": "actor", "inference": "inference" if inference_apart else None,
+             "reference": "inference" if cfg.algorithm.kl_coef > 0 else None,
              "critic": "critic" if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None}
     switches = switch_specs(table, {g: plan.devices[r] for g, r in roles.items() if r}, cfg.cluster.context_switch)
     replicas = cfg.rollout.replicas  # engine replicas, data-parallel
@@ -167,9 +178,11 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     actor = trainer_group(ActorWorker, "actor", ".trainer-rendezvous", cfg.train, cfg.algorithm, temperature)
     reference = (trainer_group(ReferenceWorker, "reference", ".reference-rendezvous", cfg.train, temperature)
                  if roles["reference"] else None)
+    inference = (trainer_group(InferenceWorker, "inference", ".inference-rendezvous", cfg.train, temperature)
+                 if roles["inference"] else None)
     critic = (trainer_group(CriticWorker, "critic", ".critic-rendezvous", cfg.train, cfg.critic, cfg.algorithm)
               if roles["critic"] else None)
-    groups = [g for g in (rollout, actor, reference, critic) if g is not None]
+    groups = [g for g in (rollout, actor, reference, critic, inference) if g is not None]
     if workers is not None:
         workers.extend(r for g in groups for r in g.ranks)
     if any(s.shared for s in switches.values()):
@@ -181,12 +194,11 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     scorer = RewardScorer(get_reward(cfg.reward.name), cfg.reward.timeout_s, timeout_score(cfg.reward.format_penalty),
                           {"format_penalty": cfg.reward.format_penalty}, pool)
     prompt = lambda p: format_prompt(p.question, tokenizer, cfg.data.template)  # noqa: E731
-    rollout_old = old_logprobs_from_rollout(cfg)
     log.info("old logprobs: %s", "the rollout engine's (train.old_logprobs=recompute for a trainer pass)"
-             if rollout_old else "a trainer pass")
+             if rollout_old else "a trainer pass on the inference devices" if inference_apart else "a trainer pass")
     channel = None  # a pipelined placement's: rollout groups, from the replicas to the driver, as they finish
     if plan.mode != "collocated":
-        why_not = streamable(cfg, rollout_old)
+        why_not = streamable(cfg, rollout_old, inference_apart)
         if why_not:
             log.warning("placement %s: the update waits for the whole batch, as collocated: %s", plan.mode, why_not)
         else:
@@ -194,7 +206,7 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
             if workers is not None:
                 workers.append(channel.queue)
     driver = Recorder("driver")  # the driver's own stages (reward, advantage) on the timeline
-    flow = Flow(cfg, rollout, actor, reference, critic, task, tokenizer, prompt, scorer, channel, driver)
+    flow = Flow(cfg, rollout, actor, reference, critic, task, tokenizer, prompt, scorer, channel, driver, inference)
     held_out = task.held_out[: cfg.eval.num_problems]
     held_out_prompts = [prompt(p) for p in held_out]
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)

@@ -20,7 +20,7 @@ from m2flow.training.critic import Critic, load_value_model
 from m2flow.training.checkpoint import load_hf_model, load_trainer, save_hf_checkpoint, save_trainer
 from m2flow.training.offload import TrainerState
 from m2flow.training.reference import Reference
-from m2flow.training.weight_sync import nbytes
+from m2flow.training.weight_sync import load_full_weights, nbytes
 
 
 @dataclass(frozen=True)
@@ -219,18 +219,35 @@ class ReferenceWorker(_Worker):
     train.ranks ranks placed like the actor's, forming their own gloo group through the file `store`; FSDP2 shards
     the weights over them and each computes its share of the rows (training/reference.py)."""
 
+    ROLE = "reference"
+
     def __init__(self, start: Start, train: TrainConfig, temperature: float, threads: int = 1,
                  placement: Placement | None = None, rank: int = 0, world_size: int = 1, store: str = "",
                  switch: SwitchSpec | None = None):
         device = _setup(threads, start.seed, placement, rank, world_size, store)
         model, _ = load_hf_model(start.model_path, start.dtype)  # frozen: no float32 master weights in bfloat16
         self.reference = Reference(model.to(device), train, temperature=temperature)
-        self._start("reference", rank, placement, TrainerState(self.reference.model, device), switch)
+        self._start(self.ROLE, rank, placement, TrainerState(self.reference.model, device), switch)
 
     def compute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """The whole batch's reference logprobs, on every rank."""
         with self.switch.phase("logprobs", PARAMS), self.timeline.span("logprobs", rows=len(batch)):
             return self.reference.compute_logprobs(batch)
+
+
+class InferenceWorker(ReferenceWorker):
+    """One rank of the policy's logprob group on the `inference` devices (created when they are apart from the
+    actor's and old logprobs come from a trainer pass): the reference's shell, whose weights follow the actor's,
+    synced after every step as the engines' are. So it holds the weights the step's samples came from while the
+    actor steps: old logprobs for every mini-batch, computed off the actor's devices."""
+
+    ROLE = "inference"
+
+    def load_weight_buckets(self, buckets: list[ray.ObjectRef], policy_version: int) -> None:
+        """The actor's weights from the object store (ActorWorker.weight_buckets), bucket by bucket."""
+        with self.switch.phase("weight_sync", PARAMS), self.timeline.span("weight_sync", buckets=len(buckets)):
+            for ref in buckets:
+                load_full_weights(self.reference.model, ray.get(ref))
 
 
 class CriticWorker(_Worker):

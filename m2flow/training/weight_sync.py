@@ -53,3 +53,22 @@ def buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> I
         size += n
     if bucket:
         yield bucket
+
+
+def load_full_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Whole tensors by HF name (a bucket of `buckets`) copied into `model`'s weights in place; a sharded model
+    (FSDP2) takes from each tensor its own shard. A name the model does not have is a ValueError."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = model.state_dict(keep_vars=True)
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ValueError(f"weights the model does not have: {', '.join(unknown[:5])}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            target = params[name]
+            if isinstance(target, DTensor):
+                shard = distribute_tensor(tensor.to(target.device, target.dtype), target.device_mesh, target.placements)
+                target.to_local().copy_(shard.to_local())
+            else:
+                target.copy_(tensor.to(target.device, target.dtype))

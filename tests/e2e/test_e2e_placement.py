@@ -66,6 +66,35 @@ def test_placements_give_the_collocated_update(runs, name):
     assert max((got["weights"][k] - want["weights"][k]).abs().max().item() for k in want["weights"]) < 1e-5
 
 
+def test_old_logprobs_come_from_the_inference_devices(runs, root):
+    """train.old_logprobs=recompute with `inference` apart from the actor ({"rollout,inference": "0", actor: "1"}):
+    an inference group on device 0 computes the old logprobs (its weights synced after every step, as the
+    engines'), the actor computes none, and the update is the collocated one (whose old logprobs are the engine's,
+    equal in float32 to rounding)."""
+    cfg = load_config(None, FLOW + [f"cluster.placement={PLACEMENTS['hybrid']}", "train.old_logprobs=recompute",
+                                    "name=inference-apart", f"output_dir={root / 'runs'}",
+                                    f"base.cache_dir={root / 'cache'}"])
+    summary = run(cfg, progress=False)
+    with open(os.path.join(summary["run_dir"], "metrics.jsonl")) as f:
+        steps = [r for r in map(json.loads, f) if "actor/pg_loss" in r]
+    for a, b in zip(runs["collocated"]["steps"], steps, strict=True):
+        assert b["reward/mean"] == a["reward/mean"]
+        for key in ("actor/pg_loss", "actor/grad_norm", "actor/kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    weights = load_file(os.path.join(summary["final_checkpoint"], "model.safetensors"))
+    assert max((weights[k] - runs["collocated"]["weights"][k]).abs().max().item() for k in weights) < 1e-5
+    spans = load_spans(os.path.join(summary["run_dir"], "timeline.jsonl"))
+    for step in (1, 2):
+        mine = [s for s in spans if s.step == step]
+        assert sum(s.role == "inference" and s.stage == "logprobs" for s in mine) == 4  # one per micro-batch
+        assert not any(s.role == "actor" and s.stage == "logprobs" for s in mine)
+    assert {s.devices for s in spans if s.role == "inference"} == {"0"}
+    assert any(s.role == "inference" and s.stage == "weight_sync" for s in spans)
+    with open(os.path.join(summary["run_dir"], "log.txt")) as f:
+        log = f.read()
+    assert "a trainer pass on the inference devices" in log and "waits for the whole batch" not in log
+
+
 def test_log_names_the_mode(runs):
     for name, mode in (("collocated", "collocated"), ("disaggregated", "disaggregated"), ("hybrid", "hybrid")):
         with open(os.path.join(runs[name]["run_dir"], "log.txt")) as f:

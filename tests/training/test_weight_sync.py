@@ -156,3 +156,17 @@ def test_policy_version_and_staleness_metrics():
     assert on_policy["rollout/policy_version"] == 4 and on_policy["rollout/staleness"] == 0
     mixed = batch_metrics(rounds, rounds[0].batch, cfg, step=5)  # one sample from the weights of step 3
     assert mixed["rollout/policy_version"] == 3 and mixed["rollout/staleness"] == 1
+
+
+def test_full_weights_load_into_a_plain_model(make_micro_model):
+    """The inference group's weight load (load_full_weights): a stream's buckets make a model equal to the source,
+    a tied weight loaded once; a name the model lacks is refused."""
+    from m2flow.training.weight_sync import load_full_weights
+
+    source, target = make_micro_model(seed=1), make_micro_model(seed=2)
+    for bucket in buckets(full_weights(source), MB // 64):
+        load_full_weights(target, bucket)
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="model.nope.weight"):
+        load_full_weights(target, {"model.nope.weight": torch.zeros(1)})
