@@ -1,7 +1,7 @@
 """The trainer on 2 ranks (issue 14): FSDP2 over a 2-rank gloo group, each rank training on its token-balanced
 part of every mini-batch, gives the one-rank trainer's logprobs, metrics and updated weights (to float
 rounding), packed or padded, with ranks that run different numbers of micro-batches. So do the critic (values,
-update) and the frozen reference (logprobs) on 2 ranks."""
+update) and the frozen reference (logprobs, and weights loaded into it as an inference group's are) on 2 ranks."""
 
 from __future__ import annotations
 
@@ -71,6 +71,12 @@ def _critic_and_reference(fsdp: bool, **train) -> dict:
     batch = _batch()
     logprobs = reference.compute_logprobs(batch)
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in reference.model.parameters())
+    # an inference group's weight sync: another model's weights, bucket by bucket, into the (sharded) reference
+    from m2flow.training.weight_sync import buckets, full_weights, load_full_weights
+
+    for bucket in buckets(full_weights(make_tiny_model(config, seed=5)), 16 * 1024):
+        load_full_weights(reference.model, bucket)
+    synced_logprobs = reference.compute_logprobs(batch)
     config.num_labels, config.classifier_dropout = 1, 0.0
     torch.manual_seed(1)
     critic = Critic(Qwen2ForTokenClassification(config), TrainConfig(fsdp=fsdp, lr=1e-3, mini_batches=2, **train),
@@ -79,7 +85,7 @@ def _critic_and_reference(fsdp: bool, **train) -> dict:
     batch.advantages, batch.returns = gae_advantages(scores_to_token_rewards(batch.scores, batch.response_mask),
                                                      batch.values, batch.response_mask)
     metrics = critic.update(batch)
-    return {"ref_logprobs": logprobs, "ref_local_params": local, "values": batch.values, "critic_metrics": metrics,
+    return {"ref_logprobs": logprobs, "ref_local_params": local, "synced_logprobs": synced_logprobs, "values": batch.values, "critic_metrics": metrics,
             "critic_weights": critic.state_dict()}
 
 
@@ -136,6 +142,9 @@ def test_two_rank_critic_and_reference_equal_one(ranks_results):
     assert (two["ref_logprobs"] - one["ref_logprobs"]).abs().max() < 1e-5
     assert (one["ref_logprobs"] != 0).sum() == _batch().response_mask.sum()  # real logprobs on every response token
     assert 0.45 < two["ref_local_params"] / one["ref_local_params"] < 0.55
+    # weights loaded whole into the sharded model (each rank takes its shards) give the plain model's logprobs
+    assert (two["synced_logprobs"] - one["synced_logprobs"]).abs().max() < 1e-5
+    assert (one["synced_logprobs"] - one["ref_logprobs"]).abs().max() > 1e-2  # (they are other weights)
     mask = _batch().response_mask.bool()
     assert (one["values"][mask] != 0).all() and (one["values"][~mask] == 0).all()
     assert (two["values"] - one["values"]).abs().max() < 1e-5
