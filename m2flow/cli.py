@@ -166,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     vt.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides (e.g. algorithm.filter_groups=false); m2flow's side runs with them")
     bp = bench_sub.add_parser("placement", help=BENCH_PLACEMENT_HELP.split("\n")[0], description=BENCH_PLACEMENT_HELP)
-    bp.add_argument("--modes", default="collocated,collocated+cluster.context_switch=false,disaggregated,"
+    bp.add_argument("--modes", default="collocated,collocated+cluster.context_switch=true,disaggregated,"
                                        "disaggregated+algorithm.max_staleness=1",
                     help="comma-separated cluster.placement values, each optionally followed by +key=value overrides "
-                         "of its own; collocated is the baseline (default: collocated; collocated without context "
-                         "switching, collocated+cluster.context_switch=false; disaggregated; and disaggregated "
-                         "one-step off-policy, disaggregated+algorithm.max_staleness=1)")
+                         "of its own; collocated is the baseline (default: collocated; collocated with context "
+                         "switching, which CPU devices leave off by default, collocated+cluster.context_switch=true; "
+                         "disaggregated; and disaggregated one-step off-policy, disaggregated+algorithm.max_staleness=1)")
     bp.add_argument("--workloads", default="rollout_heavy,training_heavy",
                     help="comma-separated: rollout_heavy, training_heavy, demo (default: rollout_heavy,training_heavy)")
     bp.add_argument("--steps", type=int, default=6, help="RL steps per run; steps 2..N are timed (default: 6)")

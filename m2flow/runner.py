@@ -159,7 +159,10 @@ def _train(cfg: Config, run_dir: str, model_path: str, base_info: dict, task: Ta
     roles = {"rollout": "rollout", "actor": "actor", "inference": "inference" if inference_apart else None,
              "reference": "inference" if cfg.algorithm.kl_coef > 0 else None,
              "critic": "critic" if cfg.algorithm.advantage in CRITIC_ESTIMATORS else None}
-    switches = switch_specs(table, {g: plan.devices[r] for g, r in roles.items() if r}, cfg.cluster.context_switch)
+    switching = cfg.cluster.context_switch
+    if switching is None:  # on GPUs; on CPU devices host and device memory are one: nothing to move
+        switching = devices[0].gpu is not None
+    switches = switch_specs(table, {g: plan.devices[r] for g, r in roles.items() if r}, switching)
     replicas = cfg.rollout.replicas  # engine replicas, data-parallel
     start = Start.of(model_path, cfg)  # what every worker starts from
     rollout = WorkerGroup(RolloutWorker, replicas, start, cfg.rollout, name=f"rollout-{os.getpid()}",

@@ -197,7 +197,7 @@ def test_cli_parses(monkeypatch, tmp_path, capsys):
                     "out_dir": str(tmp_path), "progress": False}
     assert main(["bench", "placement", "rollout.n=4", "--workloads", "demo", "--devices", "1"]) == 0
     assert seen["config"] is None and seen["overrides"] == ["rollout.n=4"] and seen["workloads"] == ["demo"]
-    assert seen["modes"] == ["collocated", "collocated+cluster.context_switch=false", "disaggregated",
+    assert seen["modes"] == ["collocated", "collocated+cluster.context_switch=true", "disaggregated",
                              "disaggregated+algorithm.max_staleness=1"]
     assert seen["devices"] == 1 and seen["steps"] == 6
     assert main(["bench", "placement", "--workloads", "nope"]) == 2

