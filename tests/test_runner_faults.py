@@ -24,13 +24,20 @@ def _micro(tmp_path, reward: str) -> list[str]:
             "eval.max_new_tokens=8", "rollout.max_new_tokens=8", "rollout.n=2", "train.prompts_per_step=2",
             "train.micro_batch_size=4", "train.steps=2", "cluster.num_cpus=2", "reward.workers=1",
             f"reward.name={reward}", f"output_dir={tmp_path / 'runs'}", f"base.cache_dir={tmp_path / 'cache'}"]
-_calls = [0]
+CALLS = "M2FLOW_TEST_REWARD_CALLS"  # a file counting this run's reward calls, one byte each
+
+
+def _count_call() -> int:
+    """This run's reward calls so far, this one included: counted in the file the test names in $CALLS, so the
+    count survives a reward worker being replaced (as one that ran past its time limit on a busy machine is)."""
+    with open(os.environ[CALLS], "a") as f:
+        f.write("x")
+    return os.path.getsize(os.environ[CALLS])
 
 
 def reward_failing_after_eval(response: str, ground_truth: str, **_options) -> float:
     """Scores the held-out evaluation (EVAL_PROBLEMS calls, one reward worker), then raises in training."""
-    _calls[0] += 1
-    if _calls[0] > EVAL_PROBLEMS:
+    if _count_call() > EVAL_PROBLEMS:
         raise ValueError("injected reward fault")
     return 0.0
 
@@ -84,8 +91,9 @@ def test_status_file_records_failure_and_last_checkpoint(tmp_path):
     assert status["last_checkpoint"].endswith("step_000002") and "ValueError: x" in status["error"]
 
 
-def test_failing_reward_worker_stops_the_run(tmp_path, capsys):
+def test_failing_reward_worker_stops_the_run(tmp_path, capsys, monkeypatch):
     """End to end through Ray and the CLI on a micro model: one line, the original error, exit 1, status.json."""
+    monkeypatch.setenv(CALLS, str(tmp_path / "reward-calls"))  # (the reward workers inherit it)
     from m2flow.cli import main
 
     micro = _micro(tmp_path, "faults_raising")
@@ -99,16 +107,15 @@ def test_failing_reward_worker_stops_the_run(tmp_path, capsys):
     assert status["status"] == "failed" and status["stage"] == "reward"
 
 
-def _kill_at_first_training_reward(calls: list[int], process: str) -> float:
-    """Counts a reward call; at the first training reward (after the held-out evaluation's), kills this run's Ray
+def _kill_at_training_rewards(process: str) -> float:
+    """Counts a reward call; at every training reward (after the held-out evaluation's), kills this run's Ray
     workers whose process name starts with `process` with SIGKILL (as the OOM killer would): the next stage that
     needs them finds them dead."""
     import signal
 
     from m2flow.scheduler.orphans import descendants
 
-    calls[0] += 1
-    if calls[0] == EVAL_PROBLEMS + 1:  # this run's workers only: descendants of the driver (our parent)
+    if _count_call() > EVAL_PROBLEMS:  # this run's workers only: descendants of the driver (our parent)
         for pid, _ in descendants(os.getppid()):
             try:
                 if open(f"/proc/{pid}/comm").read().startswith(process):
@@ -118,15 +125,12 @@ def _kill_at_first_training_reward(calls: list[int], process: str) -> float:
     return 0.0
 
 
-_kill_calls, _rollout_kill_calls = [0], [0]
-
-
 def reward_killing_the_trainer(response: str, ground_truth: str, **_options) -> float:
-    return _kill_at_first_training_reward(_kill_calls, "ray::ActorWorke")
+    return _kill_at_training_rewards("ray::ActorWorke")
 
 
 def reward_killing_the_rollout(response: str, ground_truth: str, **_options) -> float:
-    return _kill_at_first_training_reward(_rollout_kill_calls, "ray::RolloutWor")
+    return _kill_at_training_rewards("ray::RolloutWor")
 
 
 if "faults_killing" not in REWARDS:
@@ -134,9 +138,10 @@ if "faults_killing" not in REWARDS:
     register_reward("faults_killing_rollout")(reward_killing_the_rollout)
 
 
-def test_killed_trainer_worker_stops_the_run(tmp_path, capsys):
+def test_killed_trainer_worker_stops_the_run(tmp_path, capsys, monkeypatch):
     """A worker killed (not raising) mid-run: the run stops with one line naming the stage and the dead worker,
     exit 1, status.json says failed; the Ray processes are gone afterwards (no orphans)."""
+    monkeypatch.setenv(CALLS, str(tmp_path / "reward-calls"))  # (the reward workers inherit it)
     from m2flow.cli import main
     from m2flow.scheduler.orphans import descendants
 
@@ -156,10 +161,11 @@ def test_killed_trainer_worker_stops_the_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("reward,worker", [("faults_killing", "ActorWorker"),
                                            ("faults_killing_rollout", "RolloutWorker")])
-def test_killed_worker_stops_a_pipelined_run(tmp_path, capsys, reward, worker):
+def test_killed_worker_stops_a_pipelined_run(tmp_path, capsys, monkeypatch, reward, worker):
     """Disaggregated and pipelined (rollout on device 0, trainer on device 1, groups streamed through a channel):
     a worker killed mid-run stops the run well within the channel's timeout, with one line naming the stage and
     the dead worker, exit 1, status.json failed, and no Ray process left behind."""
+    monkeypatch.setenv(CALLS, str(tmp_path / "reward-calls"))  # (the reward workers inherit it)
     import time
 
     from m2flow.cli import main
