@@ -225,8 +225,8 @@ class Flow:
     def sync_weights(self, version: int) -> dict[str, float]:
         """The trainer's weights into every engine replica (and the inference group's ranks), as weight version
         `version`, in buckets of at most train.weight_sync_bucket_mb: the trainer ranks gather them weight by weight
-        and rank 0 puts each bucket into the object store; each replica fetches and loads the buckets one at a time. The driver handles only
-        the references. Returns the weight_sync/ metrics (GiB moved to each replica, and per second). One-step
+        and rank 0 puts each bucket into the object store; each replica fetches and loads the buckets one at a time.
+        The driver handles only the references. Returns the weight_sync/ metrics (GiB moved to each replica, and per second). One-step
         off-policy, the loads queue behind the next step's generation and are not waited for."""
         began = time.perf_counter()
         self.wait_for_loads()  # the last step's sync, when it was not waited for

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from m2flow.scheduler.devices import parse_devices  # noqa: F401 (also this module's API)
+from m2flow.scheduler.devices import parse_devices
 from m2flow.timeline import Span, load_spans
 
 ROLE_ORDER = ("rollout", "inference", "reward", "reference", "actor", "critic", "driver")

@@ -9,7 +9,8 @@ import math
 import pytest
 
 from m2flow.cli import main
-from m2flow.gantt import bubble_fraction, iteration_spans, parse_devices, pick_step, report, union_length
+from m2flow.gantt import bubble_fraction, iteration_spans, pick_step, report, union_length
+from m2flow.scheduler.devices import parse_devices
 from m2flow.timeline import Span, append_spans
 
 

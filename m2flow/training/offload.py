@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from m2flow.training.weight_sync import nbytes
+
 
 def tensor_bytes(t: torch.Tensor) -> int:
     """The bytes of a tensor's local data (a DTensor's shard)."""
-    local = t.to_local() if hasattr(t, "to_local") else t
-    return local.numel() * local.element_size()
+    return nbytes(t.to_local() if hasattr(t, "to_local") else t)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer):
